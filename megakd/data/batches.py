@@ -1,0 +1,74 @@
+"""The microbatches one rank processes in one iteration.
+
+Sample order follows Megatron-LM's pretraining sampler: the global batch of iteration ``i``
+holds samples ``[consumed, consumed + global_batch_size)``; within it, microbatch ``m`` of
+data-parallel rank ``r`` holds ``micro_batch_size`` samples starting at
+``consumed + m * micro_batch_size * dp + r * micro_batch_size``. Position in the data is therefore
+fully described by the number of consumed samples, which is what a resumed run continues from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+
+@dataclass
+class Microbatch:
+    """One microbatch, ``[b, s]`` tensors, with its index within the iteration."""
+
+    index: int
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    loss_mask: torch.Tensor  # 1.0 where the student's CE applies (response tokens)
+    position_ids: torch.Tensor
+    prompt_mask: Optional[torch.Tensor] = None  # 1.0 on prompt tokens that have a next token
+
+    @property
+    def num_tokens(self) -> int:
+        return self.tokens.numel()
+
+
+def kd_loss_mask(batch: Microbatch, on_prompt: bool) -> torch.Tensor:
+    """Tokens the KD term covers: CE's loss mask, plus prompt tokens with ``--kd-on-prompt``."""
+    if not on_prompt or batch.prompt_mask is None:
+        return batch.loss_mask
+    return torch.clamp(batch.loss_mask + batch.prompt_mask, max=1.0)
+
+
+def _collate(samples: List[dict], index: int, device: torch.device) -> Microbatch:
+    def stack(key: str) -> Optional[torch.Tensor]:
+        if key not in samples[0]:
+            return None
+        return torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
+
+    return Microbatch(
+        index=index,
+        tokens=stack("tokens"),
+        labels=stack("labels"),
+        loss_mask=stack("loss_mask").float(),
+        position_ids=stack("position_ids"),
+        prompt_mask=stack("prompt_mask"),
+    )
+
+
+def iteration_microbatches(
+    dataset,
+    consumed_samples: int,
+    global_batch_size: int,
+    micro_batch_size: int,
+    data_parallel_rank: int,
+    data_parallel_size: int,
+    device: torch.device,
+) -> List[Microbatch]:
+    """This DP rank's microbatches for the iteration starting at ``consumed_samples``."""
+    per_step = micro_batch_size * data_parallel_size
+    num_microbatches = global_batch_size // per_step
+    microbatches = []
+    for m in range(num_microbatches):
+        start = consumed_samples + m * per_step + data_parallel_rank * micro_batch_size
+        samples = [dataset[(start + j) % len(dataset)] for j in range(micro_batch_size)]
+        microbatches.append(_collate(samples, m, device))
+    return microbatches

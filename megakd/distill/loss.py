@@ -1,0 +1,115 @@
+"""The student's loss for one microbatch: (1 - w) * CE + w * KD, exact token means.
+
+Both terms are token means over the whole global batch (all microbatches, all DP ranks), each
+over its own mask: CE over the loss mask, KD over the KD mask (the loss mask, or all tokens
+with ``--kd-on-prompt``). megatron-core's schedules run with ``calculate_per_token_loss`` and
+divide the gradient by the sum of the ``num_tokens`` each microbatch returns; the loss below is
+pre-scaled with the iteration's global token counts so that this division yields exactly
+``(1 - w) * CE_mean + w * KD_mean`` whatever the masks, microbatching or DP size (TRL GKD's
+exact normalisation under gradient accumulation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from megakd.arguments import KDConfig
+from megakd.data import Microbatch, kd_loss_mask
+from megakd.losses import (
+    TeacherTopK,
+    topk_divergence,
+    vocab_parallel_cross_entropy,
+    vocab_parallel_divergence,
+)
+
+
+@dataclass(frozen=True)
+class GlobalTokenCounts:
+    """Tokens under each mask in the whole global batch (summed over microbatches and DP)."""
+
+    ce_tokens: float
+    kd_tokens: float
+
+
+def count_global_tokens(microbatches, kd: KDConfig, dp_group) -> GlobalTokenCounts:
+    """All-reduce this rank's mask sums over the data-parallel group (two scalars)."""
+    counts = torch.zeros(2, dtype=torch.float64)
+    for batch in microbatches:
+        counts[0] += batch.loss_mask.sum().item()
+        counts[1] += kd_loss_mask(batch, kd.on_prompt).sum().item()
+    if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
+        torch.distributed.all_reduce(counts, group=dp_group)
+    return GlobalTokenCounts(ce_tokens=counts[0].item(), kd_tokens=counts[1].item())
+
+
+class DistillationLoss:
+    """Per-microbatch loss on the last pipeline stage (student logits ``[b, s, V/tp]``)."""
+
+    def __init__(self, kd: KDConfig, valid_vocab_size: int, tp_group) -> None:
+        self.kd = kd
+        self.valid_vocab_size = valid_vocab_size
+        self.tp_group = tp_group
+
+    @property
+    def uses_teacher(self) -> bool:
+        return self.kd.loss_weight > 0
+
+    def divergence(self, student_logits: torch.Tensor, teacher) -> torch.Tensor:
+        """Per-token KD divergence ``[b, s]`` (vocab-parallel; never gathers the vocab)."""
+        kd = self.kd
+        common = dict(
+            temperature=kd.temperature,
+            skew_alpha=kd.skew_alpha,
+            jsd_beta=kd.jsd_beta,
+            akl_mu=kd.akl_mu,
+            valid_vocab_size=self.valid_vocab_size,
+            tp_group=self.tp_group,
+        )
+        if isinstance(teacher, TeacherTopK):
+            return topk_divergence(
+                student_logits, teacher, kd.loss, renormalize=kd.topk_renormalize, **common
+            )
+        return vocab_parallel_divergence(student_logits, teacher, kd.loss, **common)
+
+    def __call__(
+        self,
+        batch: Microbatch,
+        teacher_output,
+        counts: GlobalTokenCounts,
+        student_logits: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
+        """Returns megatron's 3-tuple: (pre-scaled loss sum, tokens, {name: [sum, count]})."""
+        weight = self.kd.loss_weight
+        ce_mask = batch.loss_mask.float()
+        reported: Dict[str, torch.Tensor] = {}
+        total = student_logits.new_zeros((), dtype=torch.float32)
+
+        # KD first: megatron's own CE works in place on fp32 logits (DESIGN.md); ours does not,
+        # but keeping this order makes the loss safe with either.
+        if self.uses_teacher:
+            kd_mask = kd_loss_mask(batch, self.kd.on_prompt).float()
+            kd_sum = (self.divergence(student_logits, teacher_output) * kd_mask).sum()
+            scale = self.kd.temperature ** 2 if self.kd.temperature_scaling else 1.0
+            total = total + weight * scale * kd_sum / max(counts.kd_tokens, 1.0)
+            reported["kd loss"] = torch.stack([kd_sum.detach(), kd_mask.sum()])
+
+        with torch.set_grad_enabled(torch.is_grad_enabled() and weight < 1.0):
+            ce = vocab_parallel_cross_entropy(
+                student_logits, batch.labels,
+                valid_vocab_size=self.valid_vocab_size, tp_group=self.tp_group,
+            )
+            ce_sum = (ce * ce_mask).sum()
+        if weight < 1.0:
+            total = total + (1.0 - weight) * ce_sum / max(counts.ce_tokens, 1.0)
+        reported["lm loss"] = torch.stack([ce_sum.detach(), ce_mask.sum()])
+
+        # The schedule divides gradients by sum(num_tokens) over microbatches and DP ranks;
+        # report counts of the anchor mask and pre-multiply by its global total.
+        anchor_mask, anchor_total = (
+            (ce_mask, counts.ce_tokens) if weight < 1.0 else (kd_mask, counts.kd_tokens)
+        )
+        num_tokens = anchor_mask.sum().to(torch.int)
+        return total * anchor_total, num_tokens, reported

@@ -1,0 +1,82 @@
+"""One distillation iteration: teacher forward-only pass, then the student's schedule."""
+
+from __future__ import annotations
+
+import functools
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import torch
+
+from megakd.data import Microbatch
+from megakd.distill.loss import DistillationLoss, GlobalTokenCounts, count_global_tokens
+from megakd.distill.teacher import TeacherRunner, microbatch_iterators, pipeline_sizes
+
+
+class DistillationStep:
+    """Runs forward and backward for one iteration's microbatches on this rank.
+
+    The teacher (when the KD weight is > 0) runs first, forward-only; the student then runs
+    megatron-core's forward-backward schedule with :class:`DistillationLoss` on its last stage.
+    Gradients are left in the DDP buffers, finalized (DP all-reduce, token scaling) by
+    megatron-core's ``finalize_model_grads``; the optimizer step is the caller's.
+    """
+
+    def __init__(
+        self,
+        student_chunks: List[torch.nn.Module],
+        teacher: Optional[TeacherRunner],
+        loss: DistillationLoss,
+        seq_length: int,
+        micro_batch_size: int,
+        dp_group,
+    ) -> None:
+        self.student_chunks = student_chunks
+        self.teacher = teacher
+        self.loss = loss
+        self.seq_length = seq_length
+        self.micro_batch_size = micro_batch_size
+        self.dp_group = dp_group
+
+    def _student_forward_step(self, teacher_outputs, counts: GlobalTokenCounts,
+                              data_iterator: Iterator[Microbatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        logits = model(batch.tokens, batch.position_ids, None)  # [b, s, V/tp] on the last stage
+        teacher_output = teacher_outputs[batch.index] if teacher_outputs else None
+        return logits, functools.partial(self.loss, batch, teacher_output, counts)
+
+    def run(self, microbatches: Sequence[Microbatch], forward_only: bool = False) -> List[dict]:
+        """Forward (and backward unless ``forward_only``) over the microbatches.
+
+        Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch.
+        """
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        teacher_outputs = (
+            self.teacher.run(microbatches) if self.teacher is not None else []
+        )
+        counts = count_global_tokens(microbatches, self.loss.kd, self.dp_group)
+        forward_backward = get_forward_backward_func(**pipeline_sizes(len(self.student_chunks)))
+        step = functools.partial(self._student_forward_step, teacher_outputs, counts)
+        with torch.set_grad_enabled(not forward_only):
+            return forward_backward(
+                forward_step_func=step,
+                data_iterator=microbatch_iterators(microbatches, len(self.student_chunks)),
+                model=self.student_chunks,
+                num_microbatches=len(microbatches),
+                seq_length=self.seq_length,
+                micro_batch_size=self.micro_batch_size,
+                forward_only=forward_only,
+            )
+
+
+def reduce_reported(per_microbatch: List[Dict[str, torch.Tensor]], dp_group) -> Dict[str, float]:
+    """Token means of each reported loss over microbatches and DP ranks (last stage only)."""
+    if not per_microbatch:
+        return {}
+    names = sorted(per_microbatch[0])
+    sums = torch.stack([
+        torch.stack([mb[name] for mb in per_microbatch]).sum(dim=0) for name in names
+    ]).double()  # [names, 2]: (sum, count)
+    if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
+        torch.distributed.all_reduce(sums, group=dp_group)
+    return {name: (sums[i, 0] / sums[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}

@@ -1,0 +1,100 @@
+"""Process groups, device and seeds for one megakd process.
+
+:func:`initialize` is the single entry: it picks the device (CUDA/NCCL, or CPU/gloo through
+:mod:`megakd.runtime.cpu_runtime`), starts ``torch.distributed`` from the launcher's environment,
+builds megatron-core's TP/PP/VPP/DP groups with ``parallel_state`` and seeds every RNG.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from megakd.runtime.launcher import LaunchInfo, discover
+
+__all__ = ["RuntimeInfo", "initialize", "destroy", "set_seed", "discover"]
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    launch: LaunchInfo
+    device: torch.device
+    backend: str
+
+    @property
+    def on_cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+
+def _select_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was given but no CUDA device is available")
+    if requested == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and torch, then megatron's model-parallel RNG tracker (which gives
+    each TP rank its own stream for TP-sharded dropout and weight init)."""
+    from megatron.core import tensor_parallel
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def initialize(
+    *,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    virtual_pipeline_model_parallel_size: Optional[int] = None,
+    device: str = "auto",
+    seed: int = 1234,
+    timeout_minutes: int = 10,
+) -> RuntimeInfo:
+    """Start torch.distributed and megatron-core's parallel groups for this process."""
+    from megatron.core import parallel_state
+
+    launch = discover()
+    chosen = _select_device(device, launch.local_rank)
+    if chosen.type == "cpu":
+        from megakd.runtime import cpu_runtime
+
+        cpu_runtime.enable()
+        # Ranks sharing a host share its cores: avoid oversubscribing them.
+        cores = os.cpu_count() or 1
+        torch.set_num_threads(max(1, cores // max(1, launch.local_world_size)))
+    backend = "nccl" if chosen.type == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+            rank=launch.rank,
+            world_size=launch.world_size,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+    )
+    set_seed(seed)
+    return RuntimeInfo(launch=launch, device=chosen, backend=backend)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group."""
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

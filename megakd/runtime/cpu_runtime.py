@@ -1,0 +1,154 @@
+"""Run megatron-core on CPU over gloo.
+
+megatron-core targets CUDA, but its tensor-parallel layers, pipeline schedules, DDP, optimizer
+and ``dist_checkpointing`` work on CPU once a handful of CUDA-only calls are redirected. This
+module is the only place in megakd that knows about it (see DESIGN.md, "Running without a GPU").
+It is switched on by :func:`megakd.runtime.initialize` only when CUDA is absent or ``--device cpu``
+is given, and it redirects three things:
+
+1. ``torch.cuda.current_device()`` (used in ~175 places to place tensors) returns the CPU device,
+   and the few CUDA helpers megatron calls for bookkeeping (synchronize, streams, events,
+   memory stats) become no-ops.
+2. A ``TorchFunctionMode`` rewrites ``device="cuda"`` arguments to CPU, turns ``Tensor.cuda()``
+   into a no-op, and reports CPU float tensors as their CUDA type names (megatron's gradient
+   clipping asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``).
+3. The model-parallel RNG tracker's CUDA RNG state helpers use the CPU generator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_active_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return False
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA placements to CPU for every torch function call made under it."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if ".cuda." not in name else name
+        if "device" in kwargs and _is_cuda_device(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: work on CPU is already ordered."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, *args: Any) -> "_NullEvent":
+        return _NullEvent()
+
+
+class _NullEvent:
+    """Stands in for ``torch.cuda.Event``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, *args: Any) -> None:
+        pass
+
+    def wait(self, *args: Any) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+    clone = kwargs.get("clone", False)
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _set_cpu_rng_state(new_state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _seed_cpu_generator(seed: int) -> None:
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the generator directly.
+    torch.default_generator.manual_seed(int(seed))
+
+
+def enable() -> None:
+    """Switch megatron-core to CPU execution for the rest of this process. Idempotent."""
+    global _active_mode
+    if _active_mode is not None:
+        return
+    cuda = torch.cuda
+    cuda.current_device = lambda: _CPU
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.manual_seed = _seed_cpu_generator
+    cuda.manual_seed_all = _seed_cpu_generator
+    cuda.get_rng_state = _cpu_rng_state
+    cuda.set_rng_state = _set_cpu_rng_state
+
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    mcore_random._get_cuda_rng_state = _cpu_rng_state
+    mcore_random._set_cuda_rng_state = _set_cpu_rng_state
+    # The tracker warns when the CPU generator moves inside a "GPU" RNG fork; here the forked
+    # generator *is* the CPU generator, so that is expected.
+    logging.getLogger(mcore_random.__name__).addFilter(
+        lambda record: "CPU RNG state changed" not in record.getMessage()
+    )
+
+    # Warnings that only concern CUDA execution, or deprecations inside megatron-core's
+    # checkpoint code that users cannot act on.
+    for message in ("When using async grad allreduce", "Please use DTensor instead",
+                    "`load_state_dict` is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{message}.*")
+
+    _active_mode = _CudaToCpuMode()
+    _active_mode.__enter__()
+
+
+def is_enabled() -> bool:
+    """Whether :func:`enable` has run in this process."""
+    return _active_mode is not None
+
+

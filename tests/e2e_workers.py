@@ -1,0 +1,203 @@
+"""Worker bodies for tests/test_e2e.py (run on real gloo process groups by dist_harness).
+
+A tiny teacher (4 layers, hidden 64) and student (2 layers, hidden 32) on megatron-core's mock
+data; vocab 61 (60 + EOD) padded to 64, so every layout also exercises padded vocab entries.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from megakd.arguments import KDRunConfig, parse_args
+
+SEQ = 16
+MBS = 2
+GBS = 8
+
+
+def make_config(tp: int, pp: int, world_size: int, extra: Sequence[str] = ()) -> KDRunConfig:
+    argv = [
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--teacher-num-layers", "4", "--teacher-hidden-size", "64",
+        "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+        "--disable-bias-linear",
+        "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--global-batch-size", str(GBS),
+        "--train-iters", "8", "--lr", "1e-2", "--lr-decay-style", "constant",
+        "--weight-decay", "0.0", "--clip-grad", "0", "--seed", "7",
+        "--mock-data", "--vocab-size", "60", "--make-vocab-size-divisible-by", "16",
+        "--kd-loss", "fkl", "--kd-temperature", "2.0", "--kd-loss-weight", "0.5",
+        "--device", "cpu", *extra,
+    ]
+    return parse_args(argv, world_size=world_size)
+
+
+def _init(config: KDRunConfig):
+    """(Re)build megatron's parallel groups for this layout inside a running process group."""
+    from megatron.core import parallel_state
+
+    from megakd.runtime import initialize
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    par = config.parallel
+    return initialize(
+        tensor_model_parallel_size=par.tensor_model_parallel_size,
+        pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        device="cpu", seed=config.training.seed,
+    )
+
+
+def _gather_full_logits(state, microbatches) -> Optional[torch.Tensor]:
+    """Student logits ``[n_mb, b, s, V]`` on the last stage (TP shards all-gathered: test only)."""
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+
+    def keep(logits, non_loss_data=True):
+        shards = [torch.empty_like(logits) for _ in range(torch.distributed.get_world_size(tp_group))]
+        torch.distributed.all_gather(shards, logits.contiguous(), group=tp_group)
+        return torch.cat(shards, dim=-1)
+
+    def forward_step(data_iterator, model):
+        batch = next(data_iterator)
+        return model(batch.tokens, batch.position_ids, None), keep
+
+    with torch.no_grad():
+        out = get_forward_backward_func()(
+            forward_step_func=forward_step, data_iterator=iter(microbatches),
+            model=state.student, num_microbatches=len(microbatches), seq_length=SEQ,
+            micro_batch_size=MBS, forward_only=True, collect_non_loss_data=True,
+        )
+    return torch.stack(out) if out else None
+
+
+def _microbatches(state):
+    from megatron.core import parallel_state
+
+    from megakd.data import iteration_microbatches
+
+    return iteration_microbatches(
+        state.train_dataset, state.consumed_samples, GBS, MBS,
+        parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
+        torch.device("cpu"),
+    )
+
+
+def _observe(state) -> Dict[str, object]:
+    """Losses (forward only) and full logits for the current iteration's microbatches."""
+    from megakd.distill import reduce_reported
+    from megatron.core import parallel_state
+
+    microbatches = _microbatches(state)
+    losses = reduce_reported(state.step.run(microbatches, forward_only=True),
+                             parallel_state.get_data_parallel_group())
+    return {"losses": losses, "logits": _gather_full_logits(state, microbatches)}
+
+
+def layouts_worker(rank: int, layouts: List[Tuple[int, int]], workdir: str,
+                   save_init: bool) -> Dict[str, dict]:
+    """For each (tp, pp): load the shared initial weights, observe logits/losses, take one
+    training step, observe again and save the updated weights to ``workdir/after_tpXppY``.
+
+    With ``save_init`` (world size 1) first write the shared initial student/teacher weights.
+    """
+    from megakd.training.checkpointing import save_model_weights
+    from megakd.training.loop import train_step
+    from megakd.training.setup import setup
+
+    world = int(os.environ["WORLD_SIZE"])
+    results = {}
+    for tp, pp in layouts:
+        extra = [] if save_init else ["--load", f"{workdir}/init_student",
+                                      "--teacher-load", f"{workdir}/init_teacher"]
+        config = make_config(tp, pp, world, extra)
+        state = setup(config, _init(config))
+        if save_init:
+            save_model_weights(state.student, f"{workdir}/init_student")
+            save_model_weights(state.teacher, f"{workdir}/init_teacher")
+        before = _observe(state)
+        record = train_step(state)
+        after = _observe(state)
+        save_model_weights(state.student, f"{workdir}/after_tp{tp}pp{pp}dp{world // (tp * pp)}")
+        results[f"tp{tp}pp{pp}"] = {
+            "before": before, "after": after, "step_losses": record.losses,
+            "grad_norm": record.grad_norm,
+        }
+    return results
+
+
+def compare_weights_worker(rank: int, workdir: str, names: List[str]) -> Dict[str, float]:
+    """Load each saved checkpoint at TP=1/PP=1; max |difference| to ``names[0]``'s weights."""
+    from megakd.models import build_student
+    from megakd.training.checkpointing import load_model_weights
+
+    config = make_config(1, 1, 1)
+    _init(config)
+    models = {}
+    for name in names:
+        chunks = build_student(config.student, config.parallel, 64, SEQ)
+        load_model_weights(chunks, f"{workdir}/{name}")
+        models[name] = dict(chunks[0].named_parameters())
+    reference = models[names[0]]
+    return {
+        name: max((params[key] - reference[key]).abs().max().item() for key in reference)
+        for name, params in models.items()
+    }
+
+
+def self_distill_worker(rank: int, workdir: str, tp: int, pp: int) -> Optional[Dict[str, float]]:
+    """Student initialised as a copy of the teacher (same architecture): KD loss must be 0."""
+    from megakd.training.checkpointing import save_model_weights
+    from megakd.training.setup import setup
+
+    world = int(os.environ["WORLD_SIZE"])
+    same_arch = ["--teacher-num-layers", "2", "--teacher-hidden-size", "32"]
+    path = f"{workdir}/self_teacher"
+    if not os.path.isdir(path):
+        config = make_config(tp, pp, world, same_arch)
+        save_model_weights(setup(config, _init(config)).teacher, path)
+    config = make_config(tp, pp, world, same_arch + ["--load", path, "--teacher-load", path])
+    state = setup(config, _init(config))
+    return _observe(state)["losses"]
+
+
+def training_worker(rank: int, workdir: str, tp: int, pp: int, iters: int,
+                    extra: Sequence[str] = ()) -> Dict[str, object]:
+    """Train ``iters`` iterations; return the loss curve (last stage) and a checksum of every
+    parameter of this rank (to compare data-parallel replicas)."""
+    from megatron.core import parallel_state
+
+    from megakd.training.loop import train_step
+    from megakd.training.setup import setup
+
+    world = int(os.environ["WORLD_SIZE"])
+    config = make_config(tp, pp, world, ["--load", f"{workdir}/init_student",
+                                         "--teacher-load", f"{workdir}/init_teacher", *extra])
+    state = setup(config, _init(config))
+    curve = [train_step(state).losses for _ in range(iters)]
+    params = torch.cat([p.detach().double().flatten() for p in state.student[0].parameters()])
+    return {
+        "curve": curve,
+        "param_checksum": [params.sum().item(), params.abs().sum().item(), params.pow(2).sum().item()],
+        "tp_rank": parallel_state.get_tensor_model_parallel_rank(),
+        "pp_rank": parallel_state.get_pipeline_model_parallel_rank(),
+        "dp_rank": parallel_state.get_data_parallel_rank(),
+    }
+
+
+_TASKS = {
+    "layouts": layouts_worker,
+    "compare_weights": compare_weights_worker,
+    "self_distill": self_distill_worker,
+    "training": training_worker,
+}
+
+
+def run_tasks(rank: int, tasks: Sequence[Tuple[str, tuple]]) -> Dict[str, object]:
+    """Run several worker bodies in one launch (each world size is started only once)."""
+    return {name: _TASKS[name](rank, *args) for name, args in tasks}
