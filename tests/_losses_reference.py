@@ -28,6 +28,9 @@ def divergence(lq: torch.Tensor, lp: torch.Tensor, kind: str, alpha=0.1, beta=0.
 
     Empty buckets may be given as -inf log-probs; 0 * log 0 is taken as 0.
     """
+    # zero-probability tokens as a huge negative log-prob, so that logaddexp and its gradient
+    # stay defined (exp(-1e300) == 0 exactly in float64)
+    lq, lp = lq.clamp_min(-1e300), lp.clamp_min(-1e300)
     p, q = lp.exp(), lq.exp()
 
     def kl(la, lb):  # KL(a || b) = Sum a (log a - log b), with 0 log 0 = 0

@@ -201,3 +201,24 @@ _TASKS = {
 def run_tasks(rank: int, tasks: Sequence[Tuple[str, tuple]]) -> Dict[str, object]:
     """Run several worker bodies in one launch (each world size is started only once)."""
     return {name: _TASKS[name](rank, *args) for name, args in tasks}
+
+
+def objectives_worker(rank: int, workdir: str, tp: int, pp: int, iters: int) -> Dict[str, list]:
+    """Every ``--kd-loss`` (dense and top-k) trains a few pure-KD steps at this layout."""
+    from megakd.arguments import KD_LOSS_KINDS
+
+    variants = {kind: ["--kd-loss", kind] for kind in KD_LOSS_KINDS}
+    variants.update({
+        "fkl-top8-bf16": ["--kd-loss", "fkl", "--kd-topk", "8"],
+        "rkl-top8-fp8": ["--kd-loss", "rkl", "--kd-topk", "8", "--kd-topk-dtype", "fp8"],
+        "jsd-top8-renormalized": ["--kd-loss", "jsd", "--kd-topk", "8", "--kd-topk-renormalize"],
+    })
+    curves = {}
+    for name, flags in variants.items():
+        pure_kd = ["--kd-loss-weight", "1", "--kd-temperature", "1", *flags]
+        curves[name] = [r["kd loss"] for r in
+                        training_worker(rank, workdir, tp, pp, iters, pure_kd)["curve"] if r]
+    return curves
+
+
+_TASKS["objectives"] = objectives_worker

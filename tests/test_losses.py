@@ -148,6 +148,21 @@ class Case:
             self.teacher[rows] = -junk[rows].roll(1, -1)
         self.student[..., valid:] = 1e4
         self.teacher[..., valid:] = 1e4
+        self.ref_student, self.ref_teacher = self.student, self.teacher
+
+    def mask_logits(self, seed: int) -> "Case":
+        """Masked rows: student all -inf, teacher all finfo.min; unmasked rows: the same 3
+        valid tokens at -inf on both sides. The reference sees masked rows as zeros."""
+        rows = (self.mask == 0).unsqueeze(-1)
+        cols = torch.randperm(self.valid, generator=torch.Generator().manual_seed(seed))[:3]
+        self.ref_student, self.ref_teacher = self.student.clone(), self.teacher.clone()
+        for x in (self.ref_student, self.ref_teacher):
+            x.masked_fill_(rows, 0.0)
+        self.student.masked_fill_(rows, float("-inf"))
+        self.teacher.masked_fill_(rows, torch.finfo(self.teacher.dtype).min)
+        for x in (self.student, self.teacher, self.ref_student, self.ref_teacher):
+            x[..., cols] = torch.where(rows, x[..., cols], float("-inf"))
+        return self
 
     def shard(self, x: torch.Tensor) -> torch.Tensor:
         return x[..., self.start:self.start + self.local_vocab].clone()
@@ -174,7 +189,7 @@ def _cancellation_floor(v_ref: torch.Tensor, keep: torch.Tensor) -> float:
 
 
 def _ref_student(case: Case) -> torch.Tensor:
-    return case.student.to(F64).requires_grad_(True)
+    return case.ref_student.to(F64).requires_grad_(True)
 
 
 # --------------------------------------------------------------------------------- checks
@@ -187,7 +202,7 @@ def check_dense(ck: Checker, case: Case, group, kind: str, temperature: float, t
                                       valid_vocab_size=case.valid, tp_group=group, **KW)
     (value * case.mask).sum().backward()
     s_ref = _ref_student(case)
-    v_ref = ref.dense(s_ref, case.teacher, kind, temperature, case.valid, **PARAMS)
+    v_ref = ref.dense(s_ref, case.ref_teacher, kind, temperature, case.valid, **PARAMS)
     (v_ref * case.mask.to(F64)).sum().backward()
     keep = case.mask > 0
     ck.close(f"{tag} dense {kind} T={temperature} value", value[keep], v_ref[keep], rtol, atol=1e-6)
@@ -209,9 +224,9 @@ def check_topk(ck: Checker, case: Case, group, kind: str, temperature: float, k:
     (value * case.mask).sum().backward()
     s_ref = _ref_student(case)
     if k == case.valid and not renormalize:
-        v_ref = ref.dense(s_ref, case.teacher, kind, temperature, case.valid, **PARAMS)
+        v_ref = ref.dense(s_ref, case.ref_teacher, kind, temperature, case.valid, **PARAMS)
     else:
-        v_ref = ref.topk(s_ref, case.teacher, kind, k, temperature, case.valid,
+        v_ref = ref.topk(s_ref, case.ref_teacher, kind, k, temperature, case.valid,
                          renormalize=renormalize, **PARAMS)
     (v_ref * case.mask.to(F64)).sum().backward()
     keep = case.mask > 0
@@ -396,6 +411,14 @@ def run_all_checks(ck: Checker, group) -> None:
             tag = f"extreme V={local_vocab}x{world} valid={valid} seed={seed}"
             for kind in DIVERGENCE_KINDS:
                 ck.run(f"{tag} dense {kind}", lambda: check_dense(ck, case, group, kind, temperature, tag, rtol=1e-4, grad_rtol=1e-4))
+                ck.run(f"{tag} topk {kind}", lambda: check_topk(ck, case, group, kind, temperature, 4, False, tag))
+        # -inf / finfo.min logits: masked rows entirely, 3 tokens of every other row
+        for temperature in (0.5, 2.0):
+            seed += 1
+            case = Case(seed, 3, 3, local_vocab, valid, world, rank, garbage_rows=False).mask_logits(seed)
+            tag = f"-inf V={local_vocab}x{world} valid={valid} seed={seed}"
+            for kind in DIVERGENCE_KINDS:
+                ck.run(f"{tag} dense {kind}", lambda: check_dense(ck, case, group, kind, temperature, tag))
                 ck.run(f"{tag} topk {kind}", lambda: check_topk(ck, case, group, kind, temperature, 4, False, tag))
         # bf16 logits
         seed += 1

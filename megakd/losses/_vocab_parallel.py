@@ -25,6 +25,9 @@ import torch.distributed as dist
 CHUNK_ELEMENTS: int = 1 << 20
 
 NEG_INF = float("-inf")
+# Tempered logits are clamped to +-LOGIT_LIMIT: -inf (masked) logits become a finite, vanishing
+# log-prob, and no difference of two log-probs can overflow fp32.
+LOGIT_LIMIT = 1e30
 
 
 @contextlib.contextmanager
@@ -95,12 +98,21 @@ def all_gather_last_dim(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]
     return torch.cat(parts, dim=-1)
 
 
-def scaled_fp32(x: torch.Tensor, temperature: float) -> torch.Tensor:
-    """A new fp32 tensor ``x / temperature`` (never a view of ``x``)."""
-    out = x.to(torch.float32, copy=True)
+def load_scaled_(dst: torch.Tensor, src: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``dst`` (fp32) <- ``clamp(src / temperature, +-LOGIT_LIMIT)``; returns ``dst``.
+
+    The clamp only touches absurd inputs (``-inf`` masks, ``finfo.min``, overflow of ``z / T``)
+    and keeps every later difference of log-probs finite.
+    """
+    dst.copy_(src)
     if temperature != 1.0:
-        out.div_(temperature)
-    return out
+        dst.div_(temperature)
+    return dst.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+
+
+def scaled_fp32(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """A new fp32 tensor ``clamp(x / temperature, +-LOGIT_LIMIT)`` (never a view of ``x``)."""
+    return load_scaled_(torch.empty(x.shape, dtype=torch.float32, device=x.device), x, temperature)
 
 
 def local_cols(indices: torch.Tensor, start: int, n_valid: int) -> torch.Tensor:
@@ -121,19 +133,21 @@ def local_logsumexp_stats(
     x: torch.Tensor,
     temperature: float = 1.0,
     exclude_cols: Optional[torch.Tensor] = None,
+    prepared: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row local (max m, sum of exp(x/T - m)) of ``x`` ``[N, n]``, any float dtype.
+    """Per-row local (max m, sum of exp(x'/T - m)) of ``x`` ``[N, n]``, x' = clamped x.
 
-    ``exclude_cols`` (``[N, k]`` local columns, -1 = none) are left out of both. A row with no
-    entries gives ``m = -inf, s = 0``. Works chunk by chunk; ``x`` is never modified.
-    Nothing is communicated.
+    ``prepared``: ``x`` is already fp32, tempered and clamped (read as is). ``exclude_cols``
+    (``[N, k]`` local columns, -1 = none) are left out of both. A row with no entries gives
+    ``m = -inf, s = 0``. Works chunk by chunk; ``x`` is never modified. Nothing is
+    communicated.
     """
     n_rows, n_cols = x.shape
     m = torch.full((n_rows,), NEG_INF, dtype=torch.float32, device=x.device)
     s = torch.zeros((n_rows,), dtype=torch.float32, device=x.device)
     if n_cols == 0:
         return m, s
-    needs_copy = x.dtype != torch.float32 or temperature != 1.0 or exclude_cols is not None
+    needs_copy = not prepared or exclude_cols is not None
     for sl in row_chunks(n_rows, n_cols):
         if needs_copy:  # our own temporary: transform it in place
             t = scaled_fp32(x[sl], temperature)
@@ -164,11 +178,11 @@ def combine_logsumexp(
 
 
 def log_softmax_(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """In place: ``x`` (fp32 ``[N, n]`` view of this shard) -> vocab-parallel log-softmax.
+    """In place: ``x`` (prepared fp32 ``[N, n]`` shard view) -> vocab-parallel log-softmax.
 
     Returns the per-row log-normalizer ``[N]``. Communicates two ``[N]`` all-reduces.
     """
-    lse = combine_logsumexp(*local_logsumexp_stats(x), group)
+    lse = combine_logsumexp(*local_logsumexp_stats(x, prepared=True), group)
     x.sub_(lse.unsqueeze(-1))
     return lse
 

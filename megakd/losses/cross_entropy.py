@@ -33,8 +33,8 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n_rows = x2d.shape[0]
         buf = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=logits.device)
         x = buf[:, :n_valid]
-        x.copy_(x2d[:, :n_valid])
-        lse = vp.combine_logsumexp(*vp.local_logsumexp_stats(x), group)
+        vp.load_scaled_(x, x2d[:, :n_valid], 1.0)
+        lse = vp.combine_logsumexp(*vp.local_logsumexp_stats(x, prepared=True), group)
 
         cols = vp.local_cols(target.reshape(-1, 1), start, n_valid)  # [N, 1], -1 if elsewhere
         here = cols[:, 0] >= 0

@@ -77,9 +77,7 @@ class _VocabParallelDivergence(torch.autograd.Function):
         # Buffer 1: student log-probs, full shard width so it can become the gradient.
         buf = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=student.device)
         lq = buf[:, :n_valid]
-        lq.copy_(student[:, :n_valid])
-        if temperature != 1.0:
-            lq.div_(temperature)
+        vp.load_scaled_(lq, student[:, :n_valid], temperature)
         vp.log_softmax_(lq, group)
         # Buffer 2: teacher log-probs over the valid columns.
         lp = vp.scaled_fp32(teacher[:, :n_valid], temperature)
