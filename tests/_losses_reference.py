@@ -68,8 +68,8 @@ def divergence(lq: torch.Tensor, lp: torch.Tensor, kind: str, alpha=0.1, beta=0.
 
 def dense(student: torch.Tensor, teacher: torch.Tensor, kind: str, temperature: float, valid: int,
           **params) -> torch.Tensor:
-    return divergence(log_probs(student, temperature, valid), log_probs(teacher, temperature, valid),
-                      kind, **params)
+    lq = log_probs(student, temperature, valid)
+    return divergence(lq, log_probs(teacher, temperature, valid), kind, **params)
 
 
 def topk_buckets(student: torch.Tensor, teacher: torch.Tensor, k: int, temperature: float,

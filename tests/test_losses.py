@@ -8,15 +8,13 @@ failures, which the parent asserts with the full list.
 from __future__ import annotations
 
 import json
-import math
-import os
 import socket
 import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import pytest
 import torch
@@ -92,12 +90,13 @@ class Checker:
         scale = max(expected.detach().abs().max().item() if expected.numel() else 0.0, 1e-12)
         self.close(name, actual, expected, rtol=rtol, atol=atol + rtol * scale)
 
-    def run(self, name: str, fn: Callable[[], None]) -> None:
+    def run(self, label: str, check: Callable[..., None], *args, **kwargs) -> None:
+        """``check(self, *args, **kwargs)``; an exception is recorded as a failure."""
         try:
-            fn()
+            check(self, *args, **kwargs)
         except Exception:  # noqa: BLE001 - report and go on with the other checks
-            self.failures.append(f"[tp={self.world} rank={self.rank}] {name} raised:\n"
-                                 + traceback.format_exc())
+            self.failures.append(f"[tp={self.world} rank={self.rank}] {label} "
+                                 f"{check.__name__} raised:\n" + traceback.format_exc())
 
 
 def _free_port() -> int:
@@ -115,7 +114,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     try:
         run_all_checks(checker, group)
     except Exception:  # noqa: BLE001
-        checker.failures.append(f"[tp={world} rank={rank}] harness raised:\n" + traceback.format_exc())
+        checker.failures.append(
+            f"[tp={world} rank={rank}] harness raised:\n" + traceback.format_exc())
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
         {"failures": checker.failures, "count": checker.count, "notes": checker.notes}))
     dist.barrier()
@@ -196,11 +196,14 @@ def _ref_student(case: Case) -> torch.Tensor:
 def check_dense(ck: Checker, case: Case, group, kind: str, temperature: float, tag: str,
                 rtol: float = 1e-5, grad_rtol: float = 2e-5) -> None:
     student = case.shard(case.student).requires_grad_(True)
-    teacher = case.shard(case.teacher)
-    teacher_before = teacher.clone()
+    teacher = case.shard(case.teacher).requires_grad_(True)  # must still get no gradient
+    student_before, teacher_before = student.detach().clone(), teacher.detach().clone()
     value = vocab_parallel_divergence(student, teacher, kind, temperature=temperature,
                                       valid_vocab_size=case.valid, tp_group=group, **KW)
     (value * case.mask).sum().backward()
+    ck.ok(f"{tag} dense {kind} inputs untouched", torch.equal(teacher.detach(), teacher_before)
+          and torch.equal(student.detach(), student_before))
+    ck.ok(f"{tag} dense {kind} no teacher grad", teacher.grad is None)
     s_ref = _ref_student(case)
     v_ref = ref.dense(s_ref, case.ref_teacher, kind, temperature, case.valid, **PARAMS)
     (v_ref * case.mask.to(F64)).sum().backward()
@@ -210,7 +213,6 @@ def check_dense(ck: Checker, case: Case, group, kind: str, temperature: float, t
           "masked rows gave non-finite values")
     ck.close_grad(f"{tag} dense {kind} T={temperature} grad", student.grad,
                   case.ref_grad_shard(s_ref.grad), grad_rtol, _cancellation_floor(v_ref, keep))
-    ck.ok(f"{tag} dense {kind} teacher untouched", torch.equal(teacher, teacher_before))
 
 
 def check_topk(ck: Checker, case: Case, group, kind: str, temperature: float, k: int,
@@ -245,7 +247,8 @@ def check_topk(ck: Checker, case: Case, group, kind: str, temperature: float, k:
               f"top-k exceeds dense by {slack.max().item():.3g}")
 
 
-def check_teacher_topk(ck: Checker, case: Case, group, k: int, temperature: float, tag: str) -> None:
+def check_teacher_topk(ck: Checker, case: Case, group, k: int, temperature: float,
+                       tag: str) -> None:
     lp_full = ref.log_probs(case.teacher, temperature, case.valid)
     ref_v, ref_i = torch.topk(lp_full, k, dim=-1)
     outside = torch.ones_like(lp_full, dtype=torch.bool).scatter(-1, ref_i, False)
@@ -332,7 +335,8 @@ def check_identical(ck: Checker, case: Case, group, temperature: float, tag: str
         for name, v in zip(("dense", "topk", "topk renorm", "topk k=V"), values):
             name = f"{tag} student==teacher {name} {kind} T={temperature}"
             ck.ok(f"{name} finite", bool(torch.isfinite(v).all()))
-            ck.ok(name, bool((v[keep].abs() <= 2e-6).all()), f"max |value| {v[keep].abs().max().item():.3g}")
+            ck.ok(name, bool((v[keep].abs() <= 2e-6).all()),
+                  f"max |value| {v[keep].abs().max().item():.3g}")
             grad, = torch.autograd.grad((v * case.mask).sum(), student)
             if kind == "tvd":  # |p - q| has no gradient at p == q; rounding picks a subgradient
                 continue
@@ -388,46 +392,47 @@ def run_all_checks(ck: Checker, group) -> None:
     world, rank = ck.world, ck.rank
     seed = 1000 * world
     for ci, (local_vocab, valid) in enumerate(_vocab_configs(world)):
+        where = f"V={local_vocab}x{world} valid={valid}"
         for ti, temperature in enumerate(TEMPERATURES):
             seed += 1
-            s, b = 3 + (seed % 4), 2 + (seed % 3)
-            case = Case(seed, s, b, local_vocab, valid, world, rank)
-            tag = f"V={local_vocab}x{world} valid={valid} seed={seed}"
+            case = Case(seed, 3 + seed % 4, 2 + seed % 3, local_vocab, valid, world, rank)
+            tag = f"{where} seed={seed}"
             # alternate between one-chunk and many-chunk execution
             with vp.chunk_elements(7 if (ci + ti) % 2 else 1 << 20):
                 for kind in DIVERGENCE_KINDS:
-                    ck.run(f"{tag} dense {kind}", lambda: check_dense(ck, case, group, kind, temperature, tag))
-                    ck.run(f"{tag} topk {kind}", lambda: check_topk(ck, case, group, kind, temperature, 5, False, tag))
-                    ck.run(f"{tag} topk renorm {kind}", lambda: check_topk(ck, case, group, kind, temperature, 5, True, tag))
-                    ck.run(f"{tag} topk k=V {kind}", lambda: check_topk(ck, case, group, kind, temperature, valid, False, tag))
-                ck.run(f"{tag} teacher_topk", lambda: check_teacher_topk(ck, case, group, 7, temperature, tag))
-                ck.run(f"{tag} teacher_topk k=V", lambda: check_teacher_topk(ck, case, group, valid, temperature, tag))
-                ck.run(f"{tag} identical", lambda: check_identical(ck, case, group, temperature, tag))
-                ck.run(f"{tag} CE", lambda: check_cross_entropy(ck, case, group, tag))
+                    ck.run(tag, check_dense, case, group, kind, temperature, tag)
+                    for k, renormalize in ((5, False), (5, True), (valid, False)):
+                        ck.run(tag, check_topk, case, group, kind, temperature, k, renormalize, tag)
+                for k in (7, valid):
+                    ck.run(tag, check_teacher_topk, case, group, k, temperature, tag)
+                ck.run(tag, check_identical, case, group, temperature, tag)
+                ck.run(tag, check_cross_entropy, case, group, tag)
         # extreme logits (+-1e4) on every row: finite, and still matching the reference
         for temperature in TEMPERATURES:
             seed += 1
             case = Case(seed, 3, 2, local_vocab, valid, world, rank, scale=1e4)
-            tag = f"extreme V={local_vocab}x{world} valid={valid} seed={seed}"
+            tag = f"extreme {where} seed={seed}"
             for kind in DIVERGENCE_KINDS:
-                ck.run(f"{tag} dense {kind}", lambda: check_dense(ck, case, group, kind, temperature, tag, rtol=1e-4, grad_rtol=1e-4))
-                ck.run(f"{tag} topk {kind}", lambda: check_topk(ck, case, group, kind, temperature, 4, False, tag))
+                ck.run(tag, check_dense, case, group, kind, temperature, tag,
+                       rtol=1e-4, grad_rtol=1e-4)
+                ck.run(tag, check_topk, case, group, kind, temperature, 4, False, tag)
         # -inf / finfo.min logits: masked rows entirely, 3 tokens of every other row
         for temperature in (0.5, 2.0):
             seed += 1
-            case = Case(seed, 3, 3, local_vocab, valid, world, rank, garbage_rows=False).mask_logits(seed)
-            tag = f"-inf V={local_vocab}x{world} valid={valid} seed={seed}"
+            case = Case(seed, 3, 3, local_vocab, valid, world, rank, garbage_rows=False)
+            case.mask_logits(seed)
+            tag = f"-inf {where} seed={seed}"
             for kind in DIVERGENCE_KINDS:
-                ck.run(f"{tag} dense {kind}", lambda: check_dense(ck, case, group, kind, temperature, tag))
-                ck.run(f"{tag} topk {kind}", lambda: check_topk(ck, case, group, kind, temperature, 4, False, tag))
+                ck.run(tag, check_dense, case, group, kind, temperature, tag)
+                ck.run(tag, check_topk, case, group, kind, temperature, 4, False, tag)
         # bf16 logits
         seed += 1
         case = Case(seed, 4, 3, local_vocab, valid, world, rank, dtype=torch.bfloat16)
-        tag = f"bf16 V={local_vocab}x{world} valid={valid} seed={seed}"
+        tag = f"bf16 {where} seed={seed}"
         for kind in DIVERGENCE_KINDS:
-            ck.run(f"{tag} {kind}", lambda: check_bf16(ck, case, group, kind, tag))
-        ck.run(f"{tag} CE", lambda: check_cross_entropy(ck, case, group, tag, dtype=torch.bfloat16))
-    ck.run("compression", lambda: check_compression(ck, group, world, rank))
+            ck.run(tag, check_bf16, case, group, kind, tag)
+        ck.run(tag, check_cross_entropy, case, group, tag, dtype=torch.bfloat16)
+    ck.run("", check_compression, group, world, rank)
 
 
 # --------------------------------------------------------------------------------- pytest
@@ -448,7 +453,8 @@ def test_losses_match_float64_reference(world: int, tmp_path: Path) -> None:
     notes = reports[0]["notes"]
     print(f"tp={world}: {total} checks, compression errors {notes}")
     assert total > 100 * world, f"only {total} checks ran"
-    assert not failures, f"{len(failures)} of {total} checks failed at tp={world}:\n" + "\n".join(failures[:40])
+    assert not failures, (f"{len(failures)} of {total} checks failed at tp={world}:\n"
+                          + "\n".join(failures[:40]))
 
 
 def test_api_surface() -> None:

@@ -12,15 +12,17 @@ Methods, all on the same inputs (student/teacher logits ``[tokens, 1, V/tp]``, f
   ``modelopt.torch.distill.plugins.megatron`` when importable (its own code, unmodified; at
   TP > 1 it needs megatron's parallel_state, which is initialised over gloo here)
 
-Memory: each (shape, TP) runs in fresh processes with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
-every tensor of 64 KiB or more is its own mmap and the resident set size follows live tensors.
-Per method: RSS right before the call is the baseline (inputs included); the kernel's peak
-RSS (``VmHWM``, reset through ``/proc/self/clear_refs``) during forward+backward minus that
-baseline is "peak extra" (the gradient, which every method must produce, is included); RSS
-after forward minus baseline is "held fwd->bwd" (saved tensors + output). Both are also given
-in units of one fp32 ``[tokens, V/tp]`` shard.
+Memory (per rank, rank 0 shown): ``torch.profiler`` with ``profile_memory=True`` records every
+allocation and free of PyTorch's CPU allocator with a running total; "peak extra" is the peak
+of that total during forward+backward above its value before the call (inputs excluded; the
+gradient w.r.t. the student logits, which every method produces, included), "held fwd->bwd" is
+the total when backward starts (saved tensors + output). Both also in units of one fp32
+``[tokens, V/tp]`` shard. Time: best of ``--repeats`` forward+backward runs after the profiled
+warm-up, ``--threads`` torch threads per rank (default 1: on a small shared machine OpenMP
+spin-waits under contention make multi-threaded timings of small ops erratic).
 
-Usage: python tools/bench_kd_loss.py [--tokens 4096] [--vocab 32000] [--tp 1 2] [--repeats 2]
+Usage: python tools/bench_kd_loss.py [--tokens 4096] [--vocab 32000] [--small 512 8192]
+       [--tp 1 2] [--repeats 2] [--threads 1]
 """
 
 from __future__ import annotations
@@ -59,19 +61,36 @@ TOPK = 64
 
 
 # ----------------------------------------------------------------------------------- memory
-def _status_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(field)
+def _profile_memory(fn: Callable, s: torch.Tensor, t: torch.Tensor) -> dict:
+    """One forward+backward under torch.profiler(profile_memory=True).
 
+    The profiler's ``[memory]`` events carry the running total of bytes allocated through
+    PyTorch's CPU allocator (every tensor, in every op, forward and backward). Returns the peak
+    of that total above its value at the start ("peak extra") and its value when backward
+    starts ("held fwd->bwd": saved tensors + output).
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
 
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        loss = fn(s, t)
+        with record_function("kd_backward"):
+            loss.sum().backward()
+        del loss
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(trace)
+        events = json.loads(Path(trace).read_text())["traceEvents"]
+    s.grad = None
+    mem = sorted((e for e in events
+                  if e.get("name") == "[memory]" and e["args"].get("Device Type", 0) == 0),
+                 key=lambda e: e["ts"])
+    bwd = min(e["ts"] for e in events if e.get("name") == "kd_backward")
+    if not mem:
+        return {"peak_b": 0, "held_b": 0}
+    base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
+    totals = [e["args"]["Total Allocated"] - base for e in mem]
+    before_bwd = [tot for e, tot in zip(mem, totals) if e["ts"] < bwd]
+    return {"peak_b": max(totals), "held_b": before_bwd[-1] if before_bwd else 0}
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -129,19 +148,7 @@ def _methods(tp: int, group) -> Dict[str, Optional[Callable]]:
 
 
 def _measure(fn: Callable, s: torch.Tensor, t: torch.Tensor, repeats: int) -> dict:
-    def step(track: bool) -> dict:
-        gc.collect()
-        base = _status_kb("VmRSS")
-        _reset_peak()
-        loss = fn(s, t)
-        after_fwd = _status_kb("VmRSS")
-        loss.sum().backward()
-        out = {"peak_kb": _status_kb("VmHWM") - base, "held_kb": after_fwd - base} if track else {}
-        del loss
-        s.grad = None
-        return out
-
-    mem = step(track=True)  # also the warm-up
+    result = _profile_memory(fn, s, t)  # also the warm-up
     times: List[float] = []
     for _ in range(repeats):
         gc.collect()
@@ -151,12 +158,13 @@ def _measure(fn: Callable, s: torch.Tensor, t: torch.Tensor, repeats: int) -> di
         times.append(time.perf_counter() - t0)
         del loss
         s.grad = None
-    mem["time_s"] = min(times)
-    return mem
+    result["time_s"] = min(times)
+    return result
 
 
-def _worker(rank: int, tp: int, port: int, tokens: int, vocab: int, repeats: int, out: str) -> None:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // tp))
+def _worker(rank: int, tp: int, port: int, tokens: int, vocab: int, repeats: int, threads: int,
+            out: str) -> None:
+    torch.set_num_threads(threads)
     group = None
     if tp > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -188,10 +196,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_config(tokens: int, vocab: int, tp: int, repeats: int) -> dict:
+def run_config(tokens: int, vocab: int, tp: int, repeats: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(tp, _free_port(), tokens, vocab, repeats, out),
+        mp.start_processes(_worker, args=(tp, _free_port(), tokens, vocab, repeats, threads, out),
                            nprocs=tp, join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
 
@@ -210,26 +218,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--vocab", type=int, default=32000, help="vocab entries per rank")
-    parser.add_argument("--small", type=int, nargs=2, default=(512, 4096),
+    parser.add_argument("--small", type=int, nargs=2, default=(512, 8192),
                         metavar=("TOKENS", "VOCAB"), help="the small shape")
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per rank (1: stable timings on a shared machine)")
     args = parser.parse_args()
-    os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by the spawned workers' glibc
 
     print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"python {platform.python_version()}")
+          f"python {platform.python_version()}, {args.threads} thread(s) per rank")
     print("top-k bytes/token (k={}): bf16 {}, fp8 {}  (dense fp32 logits row: {} per rank)".format(
         TOPK, topk_bytes_per_token(TOPK, torch.bfloat16),
         topk_bytes_per_token(TOPK, torch.float8_e4m3fn), 4 * args.vocab))
-    header = (f"| tokens x V/tp | TP | method | fwd+bwd ms | peak extra MiB (shards) "
-              f"| held fwd->bwd MiB (shards) | time vs plain | time vs ModelOpt | mem vs ModelOpt |")
+    header = ("| tokens x V/tp | TP | method | fwd+bwd ms | peak extra MiB (shards) "
+              "| held fwd->bwd MiB (shards) | time vs plain | time vs ModelOpt "
+              "| mem vs ModelOpt |")
     print(header)
     print("|" + "---|" * 9)
     for tokens, vocab in ((args.tokens, args.vocab), tuple(args.small)):
         shard_mib = tokens * vocab * 4 / 2**20
         for tp in args.tp:
-            res = run_config(tokens, vocab, tp, args.repeats)
+            res = run_config(tokens, vocab, tp, args.repeats, args.threads)
             plain = res.get("plain PyTorch fkl", {})
             for name, r in res.items():
                 if "error" in r:
@@ -237,16 +247,17 @@ def main() -> None:
                     continue
                 ref_mo = res.get("ModelOpt TopKLogitsKLLoss" if "top-k" in name
                                  else "ModelOpt LogitsKLLoss", {})
-                peak, held = r["peak_kb"] / 1024, r["held_kb"] / 1024
+                peak, held = r["peak_b"] / 2**20, r["held_b"] / 2**20
 
                 def ratio(a: float, ref: dict, key: str) -> str:
                     return f"{a / ref[key]:.2f}x" if ref.get(key) else "-"
 
                 print(f"| {tokens} x {vocab} | {tp} | {name} | {1000 * r['time_s']:.0f} "
-                      f"| {peak:.0f} ({peak / shard_mib:.2f}) | {held:.0f} ({held / shard_mib:.2f}) "
+                      f"| {peak:.0f} ({peak / shard_mib:.2f}) "
+                      f"| {held:.0f} ({held / shard_mib:.2f}) "
                       f"| {ratio(r['time_s'], plain, 'time_s')} "
                       f"| {ratio(r['time_s'], ref_mo, 'time_s')} "
-                      f"| {ratio(r['peak_kb'], ref_mo, 'peak_kb')} |", flush=True)
+                      f"| {ratio(r['peak_b'], ref_mo, 'peak_b')} |", flush=True)
 
 
 if __name__ == "__main__":

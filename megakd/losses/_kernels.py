@@ -68,7 +68,9 @@ class DivergenceSpec:
 
     def __post_init__(self) -> None:
         if self.kind not in DIVERGENCE_KINDS:
-            raise ValueError(f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCE_KINDS}")
+            raise ValueError(
+                f"unknown divergence kind {self.kind!r}; expected one of {DIVERGENCE_KINDS}"
+            )
         for name in ("skew_alpha", "jsd_beta"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -79,7 +81,9 @@ class DivergenceSpec:
         return {"fkl": 1, "rkl": 1, "skl": 2, "srkl": 2, "jsd": 2, "tvd": 2, "akl": 4}[self.kind]
 
 
-def _mixture(spec: DivergenceSpec, lq: torch.Tensor, lp: torch.Tensor) -> Tuple[torch.Tensor, float]:
+def _mixture(
+    spec: DivergenceSpec, lq: torch.Tensor, lp: torch.Tensor
+) -> Tuple[torch.Tensor, float]:
     """(log m, log of the student's weight in m) for skl / srkl / jsd."""
     if spec.kind == "skl":
         wp, wq = spec.skew_alpha, 1.0 - spec.skew_alpha
@@ -132,7 +136,7 @@ def partial_sums(
     if head is None:
         raise ValueError("akl needs the teacher's head mask")
     gap = d.abs_()
-    head_gap = _rowsum(torch.where(head, gap, torch.zeros((), dtype=gap.dtype)))
+    head_gap = _rowsum(gap.masked_fill(~head, 0.0))
     return torch.stack(
         [
             _rowsum((lp - lq).mul_(p)),

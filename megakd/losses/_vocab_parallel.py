@@ -20,9 +20,11 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-# Elements per row chunk of full-vocab temporaries (fp32: 4 MiB). Tests shrink it to exercise
+# Elements per row chunk of full-vocab temporaries (fp32: 1 MiB). Tests shrink it to exercise
 # the chunking; it never changes results (rows are independent).
-CHUNK_ELEMENTS: int = 1 << 20
+CHUNK_ELEMENTS: int = 1 << 18
+# ... but also at most 1/16 of the tensor, unless that is below this many elements (256 KiB).
+MIN_CHUNK_ELEMENTS: int = 1 << 16
 
 NEG_INF = float("-inf")
 # Tempered logits are clamped to +-LOGIT_LIMIT: -inf (masked) logits become a finite, vanishing
@@ -67,13 +69,17 @@ def shard_bounds(
 def valid_vocab_total(
     local_vocab: int, valid_vocab_size: Optional[int], group: Optional[dist.ProcessGroup]
 ) -> int:
+    """Global number of valid (non-padding) vocab entries."""
     world, _ = tp_world_and_rank(group)
     return local_vocab * world if valid_vocab_size is None else int(valid_vocab_size)
 
 
 def row_chunks(n_rows: int, n_cols: int) -> Iterator[slice]:
-    """Row slices whose ``[rows, n_cols]`` temporaries stay within ``CHUNK_ELEMENTS``."""
-    step = max(1, CHUNK_ELEMENTS // max(1, n_cols))
+    """Row slices whose ``[rows, n_cols]`` temporaries stay within ``CHUNK_ELEMENTS`` and
+    within 1/16 of the whole ``[n_rows, n_cols]`` tensor (or ``MIN_CHUNK_ELEMENTS``)."""
+    cols = max(1, n_cols)
+    lean = max(-(-n_rows // 16), min(MIN_CHUNK_ELEMENTS, CHUNK_ELEMENTS) // cols)
+    step = max(1, min(CHUNK_ELEMENTS // cols, lean))
     for begin in range(0, n_rows, step):
         yield slice(begin, min(n_rows, begin + step))
 
@@ -104,10 +110,12 @@ def load_scaled_(dst: torch.Tensor, src: torch.Tensor, temperature: float) -> to
     The clamp only touches absurd inputs (``-inf`` masks, ``finfo.min``, overflow of ``z / T``)
     and keeps every later difference of log-probs finite.
     """
-    dst.copy_(src)
-    if temperature != 1.0:
-        dst.div_(temperature)
-    return dst.clamp_(-LOGIT_LIMIT, LOGIT_LIMIT)
+    limit = LOGIT_LIMIT * temperature
+    if src.dtype == dst.dtype:
+        torch.clamp(src, -limit, limit, out=dst)  # copy and clamp in one pass
+    else:
+        dst.copy_(src).clamp_(-limit, limit)
+    return dst.div_(temperature) if temperature != 1.0 else dst
 
 
 def scaled_fp32(x: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -133,33 +141,26 @@ def local_logsumexp_stats(
     x: torch.Tensor,
     temperature: float = 1.0,
     exclude_cols: Optional[torch.Tensor] = None,
-    prepared: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row local (max m, sum of exp(x'/T - m)) of ``x`` ``[N, n]``, x' = clamped x.
+    """Per-row local (max m, sum of exp(x'/T - m)) of ``x`` ``[N, n]`` (x' = clamped x).
 
-    ``prepared``: ``x`` is already fp32, tempered and clamped (read as is). ``exclude_cols``
-    (``[N, k]`` local columns, -1 = none) are left out of both. A row with no entries gives
-    ``m = -inf, s = 0``. Works chunk by chunk; ``x`` is never modified. Nothing is
-    communicated.
+    ``exclude_cols`` (``[N, k]`` local columns, -1 = none) are left out of both. A row with
+    no entries gives ``m = -inf, s = 0``. Works chunk by chunk on fp32 temporaries; ``x`` is
+    never modified. Nothing is communicated.
     """
     n_rows, n_cols = x.shape
     m = torch.full((n_rows,), NEG_INF, dtype=torch.float32, device=x.device)
     s = torch.zeros((n_rows,), dtype=torch.float32, device=x.device)
     if n_cols == 0:
         return m, s
-    needs_copy = not prepared or exclude_cols is not None
     for sl in row_chunks(n_rows, n_cols):
-        if needs_copy:  # our own temporary: transform it in place
-            t = scaled_fp32(x[sl], temperature)
-            if exclude_cols is not None:
-                _set_cols_(t, exclude_cols[sl], NEG_INF)
-        else:  # a view of the caller's fp32 tensor: read only
-            t = x[sl]
+        t = scaled_fp32(x[sl], temperature)
+        if exclude_cols is not None:
+            _set_cols_(t, exclude_cols[sl], NEG_INF)
         m_c = t.amax(dim=-1)
         m_safe = torch.where(torch.isfinite(m_c), m_c, torch.zeros_like(m_c))
-        e = t.sub_(m_safe.unsqueeze(-1)) if needs_copy else t - m_safe.unsqueeze(-1)
         m[sl] = m_c
-        s[sl] = e.exp_().sum(dim=-1)
+        s[sl] = t.sub_(m_safe.unsqueeze(-1)).exp_().sum(dim=-1)
     return m, s
 
 
@@ -177,14 +178,22 @@ def combine_logsumexp(
     return g_safe + torch.log(scaled)
 
 
-def log_softmax_(x: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
-    """In place: ``x`` (prepared fp32 ``[N, n]`` shard view) -> vocab-parallel log-softmax.
+def vocab_parallel_logsumexp(
+    x: torch.Tensor, temperature: float, group: Optional[dist.ProcessGroup]
+) -> torch.Tensor:
+    """Per-row log-normalizer ``[N]`` of ``x / T`` over the valid columns of all shards.
 
-    Returns the per-row log-normalizer ``[N]``. Communicates two ``[N]`` all-reduces.
+    ``x`` is the ``[N, n_valid]`` view of this rank's logits (any float dtype; not modified).
+    Communicates two ``[N]`` all-reduces.
     """
-    lse = combine_logsumexp(*local_logsumexp_stats(x, prepared=True), group)
-    x.sub_(lse.unsqueeze(-1))
-    return lse
+    return combine_logsumexp(*local_logsumexp_stats(x, temperature), group)
+
+
+def log_probs_chunk(
+    x: torch.Tensor, rows: slice, temperature: float, lse: torch.Tensor
+) -> torch.Tensor:
+    """fp32 log-probs ``x[rows] / T - lse[rows]`` of one row chunk (a new tensor)."""
+    return scaled_fp32(x[rows], temperature).sub_(lse[rows].unsqueeze(-1))
 
 
 def log1mexp(x: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,11 @@
 
 megatron-core's ``tensor_parallel.vocab_parallel_cross_entropy`` normalises in place on
 ``logits.float()``, which *is* the caller's tensor when the logits are fp32 (DESIGN.md). This
-version copies the valid columns of the shard into its own fp32 buffer (the one buffer it keeps
-for backward, as the softmax) and excludes padded vocab entries from the softmax.
-Communication: two ``[N]`` all-reduces (log-normalizer) and one ``[N]`` all-reduce (target
-logit).
+version never writes to its input: it keeps a reference to the logits and the ``[N]``
+log-normalizer, recomputes the softmax row chunk by row chunk in backward straight into the one
+fp32 ``[N, V/tp]`` tensor it allocates (the gradient), and excludes padded vocab entries from
+the softmax. Communication: two ``[N]`` all-reduces (log-normalizer) and one ``[N]``
+all-reduce (target logit).
 """
 
 from __future__ import annotations
@@ -28,41 +29,35 @@ class _VocabParallelCrossEntropy(torch.autograd.Function):
         n_valid: int,
         group: Optional[dist.ProcessGroup],
     ) -> torch.Tensor:
-        local_vocab = logits.shape[-1]
-        x2d = logits.reshape(-1, local_vocab)
-        n_rows = x2d.shape[0]
-        buf = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=logits.device)
-        x = buf[:, :n_valid]
-        vp.load_scaled_(x, x2d[:, :n_valid], 1.0)
-        lse = vp.combine_logsumexp(*vp.local_logsumexp_stats(x, prepared=True), group)
-
+        x = logits.reshape(-1, logits.shape[-1])[:, :n_valid]
+        lse = vp.vocab_parallel_logsumexp(x, 1.0, group)
         cols = vp.local_cols(target.reshape(-1, 1), start, n_valid)  # [N, 1], -1 if elsewhere
-        here = cols[:, 0] >= 0
-        predicted = torch.zeros(n_rows, dtype=torch.float32, device=logits.device)
+        predicted = torch.zeros(x.shape[0], dtype=torch.float32, device=logits.device)
         if n_valid > 0:
-            predicted = torch.where(here, x.gather(1, cols.clamp_min(0))[:, 0], predicted)
+            picked = vp.scaled_fp32(x.gather(1, cols.clamp_min(0))[:, 0], 1.0)
+            predicted = torch.where(cols[:, 0] >= 0, picked, predicted)
         vp.all_reduce_(predicted, group, op="sum")
-        loss = lse - predicted
-
-        x.sub_(lse.unsqueeze(-1)).exp_()  # buf now holds the softmax (valid columns)
-        ctx.save_for_backward(buf, cols)
+        ctx.save_for_backward(logits, cols, lse)
         ctx.n_valid = n_valid
-        ctx.input_shape = logits.shape
-        return loss.reshape(target.shape)
+        return (lse - predicted).reshape(target.shape)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        buf, cols = ctx.saved_tensors
+        logits, cols, lse = ctx.saved_tensors
         n_valid = ctx.n_valid
-        softmax = buf[:, :n_valid]
-        here = cols[:, 0] >= 0
-        if bool(here.any()):
-            rows = torch.nonzero(here, as_tuple=True)[0]
-            softmax[rows, cols[rows, 0]] -= 1.0
-        softmax.mul_(grad_output.reshape(-1, 1).to(torch.float32))
-        buf[:, n_valid:].zero_()
-        return buf.view(ctx.input_shape), None, None, None, None
+        x = logits.reshape(-1, logits.shape[-1])[:, :n_valid]
+        n_rows = x.shape[0]
+        scale = grad_output.reshape(-1).to(torch.float32)
+        grad = torch.empty((n_rows, logits.shape[-1]), dtype=torch.float32, device=logits.device)
+        grad[:, n_valid:].zero_()
+        if n_valid > 0:
+            for sl in vp.row_chunks(n_rows, n_valid):  # softmax - onehot(target)
+                grad[sl, :n_valid] = vp.log_probs_chunk(x, sl, 1.0, lse).exp_()
+            here = torch.nonzero(cols[:, 0] >= 0, as_tuple=True)[0]
+            grad[here, cols[here, 0]] -= 1.0
+            grad[:, :n_valid].mul_(scale.unsqueeze(-1))
+        return grad.view(logits.shape), None, None, None, None
 
 
 def vocab_parallel_cross_entropy(
@@ -81,7 +76,8 @@ def vocab_parallel_cross_entropy(
     """
     if target.shape != logits.shape[:-1]:
         raise ValueError(
-            f"target {tuple(target.shape)} must match logits {tuple(logits.shape)} without the vocab dim"
+            f"target {tuple(target.shape)} must match logits {tuple(logits.shape)} "
+            "without the vocab dim"
         )
     start, n_valid = vp.shard_bounds(logits.shape[-1], valid_vocab_size, tp_group)
     return _VocabParallelCrossEntropy.apply(logits, target, start, n_valid, tp_group)

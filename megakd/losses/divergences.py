@@ -5,9 +5,12 @@ in ``_kernels``) on the local vocab shards of both models. Communication per cal
 all-reduces per side for the log-normalizers, one ``[N, n_terms]`` all-reduce of partial sums
 (``n_terms <= 4``), and for ``akl`` 31 ``[N]`` all-reduces of the head-threshold bisection.
 
-Memory: the autograd Function keeps exactly two fp32 ``[N, Vl]`` buffers (student and teacher
-log-probs, the only copies of the shards it makes), computes the gradient analytically into the
-student buffer in backward and returns it; every other temporary is a row chunk.
+Memory: the autograd Function makes no full-size copy of either shard. It keeps references to
+the two input tensors (no copy) plus per-token scalars (log-normalizers, the per-kind ``aux``),
+recomputes log-probs row chunk by row chunk in forward and in backward, and allocates one fp32
+``[N, V/tp]`` tensor: the gradient it returns. Every other temporary is a row chunk
+(``_vocab_parallel.row_chunks``). Modifying either input in place between forward and backward
+is caught by autograd's saved-tensor version check.
 """
 
 from __future__ import annotations
@@ -24,7 +27,11 @@ _FLOAT_BITS_INF = 0x7F800000  # bit pattern of +inf in float32; keys are non-neg
 
 
 def _akl_head_threshold(
-    lp: torch.Tensor, mu: float, group: Optional[dist.ProcessGroup]
+    teacher: torch.Tensor,
+    temperature: float,
+    lse_p: torch.Tensor,
+    mu: float,
+    group: Optional[dist.ProcessGroup],
 ) -> torch.Tensor:
     """Per-row threshold ``thr`` ``[N]`` such that the teacher's head is ``lp >= thr``.
 
@@ -34,9 +41,9 @@ def _akl_head_threshold(
     ``key = -lp >= 0`` (monotone as integers): 31 steps, each one ``[N]`` all-reduce of the
     mass ``Sum p [lp >= thr]``.
     """
-    n_rows = lp.shape[0]
-    lo = torch.zeros(n_rows, dtype=torch.int64)
-    hi = torch.full((n_rows,), _FLOAT_BITS_INF, dtype=torch.int64)
+    n_rows, n_cols = teacher.shape
+    lo = torch.zeros(n_rows, dtype=torch.int64, device=teacher.device)
+    hi = torch.full((n_rows,), _FLOAT_BITS_INF, dtype=torch.int64, device=teacher.device)
 
     def threshold(bits: torch.Tensor) -> torch.Tensor:
         return -(bits.to(torch.int32).view(torch.float32))
@@ -44,11 +51,12 @@ def _akl_head_threshold(
     for _ in range(31):
         mid = (lo + hi) // 2
         thr = threshold(mid)
-        mass = torch.zeros(n_rows, dtype=torch.float32)
-        for sl in vp.row_chunks(n_rows, lp.shape[1]):
-            chunk = lp[sl]
-            inside = chunk >= thr[sl].unsqueeze(-1)
-            mass[sl] = torch.where(inside, chunk.exp(), torch.zeros((), dtype=chunk.dtype)).sum(-1)
+        mass = torch.zeros(n_rows, dtype=torch.float32, device=teacher.device)
+        if n_cols > 0:
+            for sl in vp.row_chunks(n_rows, n_cols):
+                lp = vp.log_probs_chunk(teacher, sl, temperature, lse_p)
+                outside = lp < thr[sl].unsqueeze(-1)
+                mass[sl] = lp.exp_().masked_fill_(outside, 0.0).sum(-1)
         vp.all_reduce_(mass, group, op="sum")
         ok = mass >= mu
         hi = torch.where(ok, mid, hi)
@@ -70,46 +78,48 @@ class _VocabParallelDivergence(torch.autograd.Function):
         group: Optional[dist.ProcessGroup],
     ) -> torch.Tensor:
         lead, local_vocab = student_logits.shape[:-1], student_logits.shape[-1]
-        student = student_logits.reshape(-1, local_vocab)
-        teacher = teacher_logits.reshape(-1, local_vocab)
+        student = student_logits.reshape(-1, local_vocab)[:, :n_valid]
+        teacher = teacher_logits.reshape(-1, local_vocab)[:, :n_valid]
         n_rows = student.shape[0]
+        lse_q = vp.vocab_parallel_logsumexp(student, temperature, group)
+        lse_p = vp.vocab_parallel_logsumexp(teacher, temperature, group)
 
-        # Buffer 1: student log-probs, full shard width so it can become the gradient.
-        buf = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=student.device)
-        lq = buf[:, :n_valid]
-        vp.load_scaled_(lq, student[:, :n_valid], temperature)
-        vp.log_softmax_(lq, group)
-        # Buffer 2: teacher log-probs over the valid columns.
-        lp = vp.scaled_fp32(teacher[:, :n_valid], temperature)
-        vp.log_softmax_(lp, group)
-
-        thr = _akl_head_threshold(lp, spec.akl_mu, group) if spec.kind == "akl" else None
-        totals = torch.zeros((n_rows, spec.n_terms), dtype=torch.float32, device=buf.device)
+        thr = None
+        if spec.kind == "akl":
+            thr = _akl_head_threshold(teacher, temperature, lse_p, spec.akl_mu, group)
+        totals = torch.zeros((n_rows, spec.n_terms), dtype=torch.float32, device=student.device)
         if n_valid > 0:
             for sl in vp.row_chunks(n_rows, n_valid):
-                head = None if thr is None else lp[sl] >= thr[sl].unsqueeze(-1)
-                totals[sl] = partial_sums(spec, lq[sl], lp[sl], head)
+                lq = vp.log_probs_chunk(student, sl, temperature, lse_q)
+                lp = vp.log_probs_chunk(teacher, sl, temperature, lse_p)
+                head = None if thr is None else lp >= thr[sl].unsqueeze(-1)
+                totals[sl] = partial_sums(spec, lq, lp, head)
         vp.all_reduce_(totals, group, op="sum")
         value, aux = finalize(spec, totals)
 
-        ctx.save_for_backward(buf, lp, aux)
+        ctx.save_for_backward(student_logits, teacher_logits, lse_q, lse_p, aux)
         ctx.spec, ctx.temperature, ctx.n_valid = spec, temperature, n_valid
-        ctx.input_shape = student_logits.shape
         return value.reshape(lead)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
-        buf, lp, aux = ctx.saved_tensors
-        n_valid = ctx.n_valid
-        lq = buf[:, :n_valid]
-        scale = grad_output.reshape(-1).to(torch.float32) / ctx.temperature
+        student_logits, teacher_logits, lse_q, lse_p, aux = ctx.saved_tensors
+        temperature, n_valid = ctx.temperature, ctx.n_valid
+        local_vocab = student_logits.shape[-1]
+        student = student_logits.reshape(-1, local_vocab)[:, :n_valid]
+        teacher = teacher_logits.reshape(-1, local_vocab)[:, :n_valid]
+        n_rows = student.shape[0]
+        scale = grad_output.reshape(-1).to(torch.float32) / temperature
+        grad = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=student.device)
+        grad[:, n_valid:].zero_()  # padded vocab entries get no gradient
         if n_valid > 0:
-            for sl in vp.row_chunks(buf.shape[0], n_valid):
-                g = logit_grad(ctx.spec, lq[sl], lp[sl], aux[sl])
-                lq[sl].copy_(g.mul_(scale[sl].unsqueeze(-1)))
-        buf[:, n_valid:].zero_()  # padded vocab entries get no gradient
-        return buf.view(ctx.input_shape), None, None, None, None, None
+            for sl in vp.row_chunks(n_rows, n_valid):
+                lq = vp.log_probs_chunk(student, sl, temperature, lse_q)
+                lp = vp.log_probs_chunk(teacher, sl, temperature, lse_p)
+                g = logit_grad(ctx.spec, lq, lp, aux[sl])
+                grad[sl, :n_valid] = g.mul_(scale[sl].unsqueeze(-1))
+        return grad.view(student_logits.shape), None, None, None, None, None
 
 
 def vocab_parallel_divergence(

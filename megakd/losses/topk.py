@@ -23,7 +23,7 @@ and relative values in [-448, 0] need no range adjustment.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -62,6 +62,16 @@ class TeacherTopK:
 
     def bytes_per_token(self) -> int:
         return topk_bytes_per_token(self.k, self.logprobs.dtype)
+
+    def to(self, device: torch.device | str) -> "TeacherTopK":
+        """A copy on ``device`` (dtypes unchanged)."""
+        return replace(
+            self,
+            logprobs=self.logprobs.to(device),
+            indices=self.indices.to(device),
+            tail_logprob=self.tail_logprob.to(device),
+            scale=None if self.scale is None else self.scale.to(device),
+        )
 
     def values_fp32(self) -> torch.Tensor:
         """Normalised teacher log-probs ``[..., k]`` fp32 (k buckets carry 1 - tail mass)."""
@@ -118,7 +128,8 @@ def teacher_topk(
     top_i = all_i.gather(-1, sel)
 
     # Exact tail: log-sum-exp of everything but the top-k, over all shards.
-    m, s = vp.local_logsumexp_stats(z, temperature, exclude_cols=vp.local_cols(top_i, start, n_valid))
+    top_cols = vp.local_cols(top_i, start, n_valid)
+    m, s = vp.local_logsumexp_stats(z, temperature, exclude_cols=top_cols)
     lse_tail = vp.combine_logsumexp(m, s, tp_group)
     lse_top = torch.logsumexp(top_v, dim=-1)
     tail_logprob = lse_tail - torch.logaddexp(lse_top, lse_tail)
@@ -205,9 +216,12 @@ class _TopKDivergence(torch.autograd.Function):
         z = student_logits.reshape(-1, local_vocab)[:, :n_valid]
         n_rows, k = cols.shape
         scale = grad_output.reshape(-1).to(torch.float32) / temperature
-        grad = torch.zeros((n_rows, local_vocab), dtype=torch.float32, device=z.device)
+        grad = torch.empty((n_rows, local_vocab), dtype=torch.float32, device=z.device)
+        grad[:, n_valid:].zero_()  # padding
         g = grad[:, :n_valid]
-        if not ctx.renormalize and n_valid > 0:
+        if ctx.renormalize:  # only the k ids get gradient
+            g.zero_()
+        elif n_valid > 0:
             # exp(x_j - lse_tail) * G_tail; lse_tail = -inf means an empty tail: contributes 0.
             empty = torch.isinf(lse_tail)
             lse_safe = torch.where(empty, torch.full_like(lse_tail, float("inf")), lse_tail)
