@@ -7,10 +7,8 @@ failures, which the parent asserts with the full list.
 
 from __future__ import annotations
 
-import json
-import socket
+import os
 import sys
-import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
@@ -19,7 +17,6 @@ from typing import Callable, List
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 for extra in (str(ROOT), str(Path(__file__).resolve().parent)):
@@ -38,6 +35,7 @@ from megakd.losses import (  # noqa: E402
     vocab_parallel_divergence,
 )
 from megakd.losses import _vocab_parallel as vp  # noqa: E402
+from tests.dist_harness import run_distributed  # noqa: E402
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 PARAMS = dict(alpha=0.1, beta=0.5, mu=0.5)  # reference names of the defaults
@@ -99,16 +97,11 @@ class Checker:
                                  f"{check.__name__} raised:\n" + traceback.format_exc())
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int) -> dict:
+    """Runs every check on this rank (launched by tests.dist_harness); returns its report."""
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=90))
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{os.environ['MASTER_PORT']}",
+                            rank=rank, world_size=world, timeout=timedelta(seconds=90))
     checker = Checker(rank, world)
     group = None if world == 1 else dist.group.WORLD
     try:
@@ -116,10 +109,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     except Exception:  # noqa: BLE001
         checker.failures.append(
             f"[tp={world} rank={rank}] harness raised:\n" + traceback.format_exc())
-    Path(out_dir, f"rank{rank}.json").write_text(json.dumps(
-        {"failures": checker.failures, "count": checker.count, "notes": checker.notes}))
     dist.barrier()
     dist.destroy_process_group()
+    return {"failures": checker.failures, "count": checker.count, "notes": checker.notes}
 
 
 # --------------------------------------------------------------------------------- cases
@@ -437,17 +429,8 @@ def run_all_checks(ck: Checker, group) -> None:
 
 # --------------------------------------------------------------------------------- pytest
 @pytest.mark.parametrize("world", [1, 2, 4])
-def test_losses_match_float64_reference(world: int, tmp_path: Path) -> None:
-    port = _free_port()
-    ctx = mp.start_processes(_worker, args=(world, port, str(tmp_path)), nprocs=world,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 600.0
-    while not ctx.join(timeout=2.0):
-        if time.monotonic() > deadline:
-            for proc in ctx.processes:
-                proc.terminate()
-            pytest.fail(f"tp={world} workers did not finish within 600 s")
-    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+def test_losses_match_float64_reference(world: int) -> None:
+    reports = run_distributed(world, _worker, world, timeout=600)
     failures = [f for rep in reports for f in rep["failures"]]
     total = sum(rep["count"] for rep in reports)
     notes = reports[0]["notes"]
