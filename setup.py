@@ -20,11 +20,13 @@ setup(
         "psutil",  # megatron-core's dist_checkpointing needs it to save
         "pyyaml",
         "tensorboard",
+        "transformers",  # --tokenizer-type HuggingFaceTokenizer, chat templates, HF conversion
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py"],
+        "wandb": ["wandb"],  # --wandb-project
         "modelopt": ["nvidia-modelopt"],
-        "test": ["pytest", "transformers"],
+        "test": ["pytest"],
     },
 )

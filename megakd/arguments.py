@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 KD_LOSS_KINDS = ("fkl", "rkl", "skl", "srkl", "jsd", "tvd", "akl")
+# --attention-backend: auto = Transformer Engine when it imports on a GPU, else sdpa;
+# sdpa / unfused = megatron-core's local spec with megakd's SDPA core attention / megatron's
+# DotProductAttention (unfused; `local` is Megatron-LM's name for it).
+ATTENTION_BACKENDS = ("auto", "sdpa", "unfused", "local")
 
 
 class ConfigError(ValueError):
@@ -43,6 +47,9 @@ class ModelArchConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     vocab_size: Optional[int] = None  # true vocabulary size, before padding
+    kv_channels: Optional[int] = None  # head dim; None: hidden_size // num_attention_heads
+    use_rope_scaling: bool = False  # Llama-3.x RoPE frequency scaling (megatron's fixed form)
+    rope_scaling_factor: float = 8.0
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
@@ -101,6 +108,17 @@ class DataConfig:
     tokenizer_model: Optional[str] = None
     vocab_size: Optional[int] = None
     make_vocab_size_divisible_by: int = 128
+    padded_vocab_size: Optional[int] = None  # None: pad the tokenizer's vocab (Megatron's rule)
+    # Real data (docs/data.md): megatron indexed .bin/.idx prefixes or chat JSONL files,
+    # optionally weighted as Megatron's --data-path ("0.3 A 0.7 B").
+    data_path: Optional[List[str]] = None
+    split: str = "969, 30, 1"  # train, valid, test weights over documents
+    data_cache_path: Optional[str] = None
+    dataset_format: str = "indexed"  # indexed (.bin/.idx) | chat (JSONL)
+    messages_key: str = "messages"
+    prompt_key: Optional[str] = None
+    response_key: Optional[str] = None
+    pack_sequences: bool = False
 
 
 @dataclass
@@ -122,14 +140,50 @@ class KDConfig:
 
 @dataclass
 class CheckpointConfig:
+    """What to load, where and when to save, and when to save and stop (docs/checkpoints.md)."""
+
     teacher_load: Optional[str] = None
+    teacher_cache: Optional[str] = None  # precomputed teacher top-k instead of a teacher (megakd/cache)
     load: Optional[str] = None
     save: Optional[str] = None
+    save_interval: Optional[int] = None  # iterations between saves (None: only at the end/exit)
+    finetune: bool = False  # --load weights only; iteration 0, fresh optimizer and scheduler
+    # Weights to start from while --load holds no checkpoint yet (a resumable job's first launch)
+    pretrained_checkpoint: Optional[str] = None
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    override_opt_param_scheduler: bool = False  # LR schedule from the flags, not the checkpoint
+    use_checkpoint_opt_param_scheduler: bool = False  # LR schedule from the checkpoint
+    exit_interval: Optional[int] = None  # save and stop when iteration % N == 0
+    exit_duration_in_mins: Optional[float] = None  # save and stop after M minutes of the process
+    exit_signal_handler: bool = False  # save and stop on SIGTERM
+
+
+@dataclass
+class EvalConfig:
+    """Validation on the held-out split (``--eval-interval``, ``--eval-iters``)."""
+
+    interval: Optional[int] = None  # iterations between validations; None: no validation
+    iters: int = 100  # global batches per validation
+
+
+@dataclass
+class LoggingConfig:
+    """Where metrics go besides stdout, and which timings are reported."""
+
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    timing_log_level: int = 0  # 0: no timers; 1: teacher/student/optimizer/data timers
+    timing_log_option: str = "minmax"  # max | minmax | all (over ranks)
+    log_throughput: bool = False  # global tokens per second in the log line
 
 
 @dataclass
 class RuntimeConfig:
     device: str = "auto"  # auto | cuda | cpu
+    attention_backend: str = "auto"  # one of ATTENTION_BACKENDS
     distributed_timeout_minutes: int = 10
 
 
@@ -145,6 +199,8 @@ class KDRunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def pad_vocab_size(vocab_size: int, divisible_by: int, tensor_parallel_size: int) -> int:
@@ -164,6 +220,7 @@ _ARCH_FLAGS = (
     ("ffn-hidden-size", int, "MLP hidden size (default 4 x hidden size)"),
     ("num-attention-heads", int, "number of attention heads"),
     ("num-query-groups", int, "key/value head groups for grouped-query attention"),
+    ("kv-channels", int, "attention head dim (default hidden size / attention heads)"),
 )
 
 
@@ -186,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    default="learned_absolute")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--rotary-percent", type=float, default=1.0)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama-3.x RoPE scaling (low/high freq factors 1/4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="RoPE scaling factor with --use-rope-scaling")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
     g.add_argument("--disable-bias-linear", action="store_true",
                    help="no bias in linear layers")
@@ -202,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher vocabulary size (must equal the student's)")
     g.add_argument("--teacher-load", type=str, default=None,
                    help="teacher weights (a directory written by --save, any TP/PP layout)")
+    g.add_argument("--teacher-cache", type=str, default=None, metavar="DIR",
+                   help="read the teacher's top-k from this cache (tools/precompute_teacher_topk.py) "
+                        "instead of running a teacher")
 
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -237,6 +301,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--vocab-size", type=int, default=None,
                    help="vocabulary size for NullTokenizer (EOD is appended, as in Megatron)")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--padded-vocab-size", type=int, default=None,
+                   help="embedding/output rows of teacher and student (default: the vocab padded "
+                        "to --make-vocab-size-divisible-by x TP); checkpoints of another width load "
+                        "into it, rows beyond the tokenizer's vocabulary are masked")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="indexed-dataset prefixes (or chat JSONL files), optionally weighted: "
+                        "'0.3 A 0.7 B' or 'A B'")
+    g.add_argument("--split", default="969, 30, 1",
+                   help="train, valid, test weights over documents, e.g. '98,2,0'")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core caches its sample indices (default: next to data)")
+    g.add_argument("--dataset-format", choices=["indexed", "chat"], default="indexed",
+                   help="indexed: megatron .bin/.idx from tools/preprocess_data.py; "
+                        "chat: JSONL conversations, loss on responses only")
+    g.add_argument("--messages-key", default="messages",
+                   help="chat JSONL key of the OpenAI-style message list")
+    g.add_argument("--prompt-key", default=None,
+                   help="chat JSONL prompt key (with --response-key, instead of messages)")
+    g.add_argument("--response-key", default=None, help="chat JSONL response key")
+    g.add_argument("--pack-sequences", action="store_true",
+                   help="chat: pack conversations into each sample (block-diagonal attention)")
 
     g = parser.add_argument_group("knowledge distillation")
     g.add_argument("--kd-loss", choices=KD_LOSS_KINDS, default="fkl",
@@ -259,14 +344,57 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("checkpoints")
     g.add_argument("--load", default=None,
-                   help="initial student weights (a directory written by --save)")
+                   help="resume from this checkpoint root (or load weights from a checkpoint "
+                        "directory written by --save or the HF converter)")
     g.add_argument("--save", default=None,
-                   help="write the student's weights here at the end (megatron dist checkpoint)")
+                   help="checkpoint root: training checkpoints (iter_%%07d) are written here")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="iterations between checkpoints (also saved at the end and on exit)")
+    g.add_argument("--pretrained-checkpoint", default=None,
+                   help="initial student weights (e.g. a converted HF model) used while --load "
+                        "holds no checkpoint yet; later launches resume from --load")
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only from --load: iteration 0, fresh optimizer and schedule")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="do not load the optimizer state from --load")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="do not load the RNG states from --load")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="take the LR schedule from the flags, ignoring the checkpoint's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="take the LR schedule from the checkpoint, ignoring the flags")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit when the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit after this many minutes since the process started")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="save and exit when SIGTERM arrives (checked on all ranks every iteration)")
+
+    g = parser.add_argument_group("validation and logging")
+    g.add_argument("--eval-interval", type=int, default=None,
+                   help="iterations between validations on the held-out split (default: none)")
+    g.add_argument("--eval-iters", type=int, default=100,
+                   help="global batches per validation")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard event files here")
+    g.add_argument("--wandb-project", default=None, help="log metrics to this W&B project")
+    g.add_argument("--wandb-exp-name", default=None, help="W&B run name")
+    g.add_argument("--wandb-save-dir", default=None, help="local directory for W&B files")
+    g.add_argument("--timing-log-level", type=int, choices=[0, 1, 2], default=0,
+                   help="1 or 2: print (and write to TensorBoard) teacher forward, student "
+                        "forward-backward, optimizer and data-loading times")
+    g.add_argument("--timing-log-option", choices=["max", "minmax", "all"], default="minmax",
+                   help="how timers are reported across ranks")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="global tokens per second in the log line")
 
     g = parser.add_argument_group("runtime")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto",
                    help="cpu runs megatron-core over gloo without a GPU (auto: cpu iff no CUDA)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
+                   help="core attention: auto (Transformer Engine if available, else sdpa), "
+                        "sdpa (torch scaled_dot_product_attention in the local spec), "
+                        "unfused or local (megatron-core's DotProductAttention)")
     return parser
 
 
@@ -291,6 +419,14 @@ def _arch_from_namespace(ns: argparse.Namespace, prefix: str,
     if base is None:
         for name in ("num_layers", "hidden_size", "num_attention_heads"):
             _required(ns, name)
+    # Fields without a --teacher-* flag: the teacher takes the student's (which may come from
+    # the student's checkpoint metadata rather than from these flags).
+    shared = {name: getattr(ns, name) for name in _SHARED_ARCH_FIELDS} if base is None else {
+        name: getattr(base, name) for name in _SHARED_ARCH_FIELDS}
+    kv_channels = getattr(ns, prefix + "kv_channels")
+    if (kv_channels is None and base is not None and getattr(ns, prefix + "hidden_size") is None
+            and getattr(ns, prefix + "num_attention_heads") is None):
+        kv_channels = base.kv_channels
     use_gqa = ns.group_query_attention or getattr(ns, prefix + "num_query_groups") is not None
     query_groups = pick("num_query_groups") if use_gqa else None
     if use_gqa and query_groups is None:
@@ -304,25 +440,53 @@ def _arch_from_namespace(ns: argparse.Namespace, prefix: str,
         num_attention_heads=pick("num_attention_heads"),
         ffn_hidden_size=ffn,
         num_query_groups=query_groups,
-        swiglu=ns.swiglu,
-        normalization=ns.normalization,
-        position_embedding_type=ns.position_embedding_type,
-        rotary_base=ns.rotary_base,
-        rotary_percent=ns.rotary_percent,
-        untie_embeddings_and_output_weights=ns.untie_embeddings_and_output_weights,
-        add_bias_linear=not ns.disable_bias_linear,
-        add_qkv_bias=ns.add_qkv_bias,
-        qk_layernorm=ns.qk_layernorm,
-        norm_epsilon=ns.norm_epsilon,
+        kv_channels=kv_channels,
+        add_bias_linear=not ns.disable_bias_linear if base is None else base.add_bias_linear,
         init_method_std=ns.init_method_std,
         vocab_size=ns.vocab_size if base is None else (ns.teacher_vocab_size or ns.vocab_size),
+        **shared,
     )
 
 
-def config_from_namespace(ns: argparse.Namespace) -> KDRunConfig:
-    """Turn parsed flags into a :class:`KDRunConfig` (flag-local checks only)."""
-    student = _arch_from_namespace(ns, "", None)
-    teacher = _arch_from_namespace(ns, "teacher_", student)
+# ModelArchConfig fields set by one flag of the same name for student and teacher alike.
+_SHARED_ARCH_FIELDS = (
+    "swiglu", "normalization", "position_embedding_type", "rotary_base", "rotary_percent",
+    "untie_embeddings_and_output_weights", "add_qkv_bias", "qk_layernorm", "norm_epsilon",
+    "use_rope_scaling", "rope_scaling_factor",
+)
+
+
+def _checkpoint_or_flag_archs(ns: argparse.Namespace, explicit: frozenset):
+    """Student and teacher architectures: from ``megakd_model.json`` of ``--load`` /
+    ``--teacher-load`` when the checkpoint has one (explicitly given model flags must then
+    agree with it), from the model flags otherwise."""
+    from megakd.models.metadata import (  # lazy: metadata imports this module
+        arch_with_flags, check_same_tokenizer, stored_model_metadata)
+
+    student_flag = "--load"
+    stored_student = stored_model_metadata(ns.load, "--load")
+    if stored_student is None and ns.pretrained_checkpoint is not None:
+        student_flag = "--pretrained-checkpoint"
+        stored_student = stored_model_metadata(ns.pretrained_checkpoint, student_flag)
+    stored_teacher = stored_model_metadata(ns.teacher_load, "--teacher-load")
+    if stored_student is None:
+        student = _arch_from_namespace(ns, "", None)
+    else:
+        student = arch_with_flags(stored_student, ns, explicit, "", student_flag, ns.vocab_size)
+    if stored_teacher is None:
+        teacher = _arch_from_namespace(ns, "teacher_", student)
+    else:
+        teacher = arch_with_flags(stored_teacher, ns, explicit, "teacher_", "--teacher-load",
+                                  ns.teacher_vocab_size or ns.vocab_size)
+    if stored_student is not None and stored_teacher is not None:
+        check_same_tokenizer(stored_student, student_flag, stored_teacher, "--teacher-load")
+    return student, teacher
+
+
+def config_from_namespace(ns: argparse.Namespace, explicit: frozenset = frozenset()) -> KDRunConfig:
+    """Turn parsed flags into a :class:`KDRunConfig` (flag-local checks only). ``explicit``
+    holds the destinations of the flags given on the command line."""
+    student, teacher = _checkpoint_or_flag_archs(ns, explicit)
     seq_length = _required(ns, "seq_length")
     return KDRunConfig(
         student=student,
@@ -360,6 +524,15 @@ def config_from_namespace(ns: argparse.Namespace) -> KDRunConfig:
             tokenizer_model=ns.tokenizer_model,
             vocab_size=ns.vocab_size,
             make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
+            padded_vocab_size=ns.padded_vocab_size,
+            data_path=ns.data_path,
+            split=ns.split,
+            data_cache_path=ns.data_cache_path,
+            dataset_format=ns.dataset_format,
+            messages_key=ns.messages_key,
+            prompt_key=ns.prompt_key,
+            response_key=ns.response_key,
+            pack_sequences=ns.pack_sequences,
         ),
         kd=KDConfig(
             loss=ns.kd_loss,
@@ -374,10 +547,36 @@ def config_from_namespace(ns: argparse.Namespace) -> KDRunConfig:
             topk_dtype=ns.kd_topk_dtype,
             topk_renormalize=ns.kd_topk_renormalize,
         ),
-        checkpoint=CheckpointConfig(teacher_load=ns.teacher_load, load=ns.load, save=ns.save),
-        runtime=RuntimeConfig(device=ns.device,
+        checkpoint=CheckpointConfig(
+            teacher_load=ns.teacher_load, teacher_cache=ns.teacher_cache, load=ns.load, save=ns.save,
+            save_interval=ns.save_interval, finetune=ns.finetune,
+            pretrained_checkpoint=ns.pretrained_checkpoint,
+            no_load_optim=ns.no_load_optim, no_load_rng=ns.no_load_rng,
+            override_opt_param_scheduler=ns.override_opt_param_scheduler,
+            use_checkpoint_opt_param_scheduler=ns.use_checkpoint_opt_param_scheduler,
+            exit_interval=ns.exit_interval, exit_duration_in_mins=ns.exit_duration_in_mins,
+            exit_signal_handler=ns.exit_signal_handler,
+        ),
+        eval=EvalConfig(interval=ns.eval_interval, iters=ns.eval_iters),
+        logging=LoggingConfig(
+            tensorboard_dir=ns.tensorboard_dir,
+            wandb_project=ns.wandb_project,
+            wandb_exp_name=ns.wandb_exp_name,
+            wandb_save_dir=ns.wandb_save_dir,
+            timing_log_level=ns.timing_log_level,
+            timing_log_option=ns.timing_log_option,
+            log_throughput=ns.log_throughput,
+        ),
+        runtime=RuntimeConfig(device=ns.device, attention_backend=ns.attention_backend,
                               distributed_timeout_minutes=ns.distributed_timeout_minutes),
     )
+
+
+def _explicit_flags(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]) -> frozenset:
+    """Destinations of the flags given on the command line (not left at their defaults)."""
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    return frozenset(vars(parser.parse_args(argv)))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> KDRunConfig:
@@ -385,8 +584,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
     is needed for the data-parallel checks."""
     from megakd.runtime.launcher import discover_world_size
 
-    ns = build_parser().parse_args(argv)
-    config = config_from_namespace(ns)
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    config = config_from_namespace(ns, _explicit_flags(parser, argv))
     config.parallel.world_size = world_size if world_size is not None else discover_world_size()
     validate(config)
     return config
@@ -411,9 +611,19 @@ def _validate_arch(arch: ModelArchConfig, prefix: str, parallel: ParallelConfig)
         errors += _check(value > 0, f"{flag(name)} must be positive, got {value}")
     if errors:
         return errors
-    errors += _check(arch.hidden_size % arch.num_attention_heads == 0,
-                     f"{flag('hidden-size')}={arch.hidden_size} is not divisible by "
-                     f"{flag('num-attention-heads')}={arch.num_attention_heads}")
+    if arch.kv_channels is None:
+        errors += _check(arch.hidden_size % arch.num_attention_heads == 0,
+                         f"{flag('hidden-size')}={arch.hidden_size} is not divisible by "
+                         f"{flag('num-attention-heads')}={arch.num_attention_heads} (or give "
+                         f"{flag('kv-channels')})")
+    else:
+        errors += _check(arch.kv_channels > 0,
+                         f"{flag('kv-channels')} must be positive, got {arch.kv_channels}")
+    if arch.use_rope_scaling:
+        errors += _check(arch.position_embedding_type == "rope",
+                         "--use-rope-scaling needs --position-embedding-type rope")
+        errors += _check(arch.rope_scaling_factor > 0, "--rope-scaling-factor must be positive, "
+                                                       f"got {arch.rope_scaling_factor}")
     errors += _check(arch.num_attention_heads % tp == 0,
                      f"{flag('num-attention-heads')}={arch.num_attention_heads} is not divisible by "
                      f"--tensor-model-parallel-size={tp}")
@@ -436,6 +646,54 @@ def _validate_arch(arch: ModelArchConfig, prefix: str, parallel: ParallelConfig)
         errors += _check(per_rank % vpp_layers == 0 and per_rank // vpp_layers > 1,
                          f"--num-layers-per-virtual-pipeline-stage={vpp_layers} must divide the "
                          f"{per_rank} {prefix or 'student '}layers per pipeline stage into 2 or more chunks")
+    return errors
+
+
+def _validate_eval_and_logging(eval_config: EvalConfig, logging_config: LoggingConfig) -> List[str]:
+    """Validation flags, and the optional packages the logging flags need (checked here so a
+    missing package fails at startup, not at the first log line)."""
+    import importlib.util
+
+    errors: List[str] = []
+    if eval_config.interval is not None:
+        errors += _check(eval_config.interval > 0,
+                         f"--eval-interval must be positive, got {eval_config.interval}")
+        errors += _check(eval_config.iters > 0,
+                         f"--eval-iters must be positive with --eval-interval, got {eval_config.iters}")
+    errors += _check(logging_config.timing_log_level in (0, 1, 2),
+                     f"--timing-log-level must be 0, 1 or 2, got {logging_config.timing_log_level}")
+    for flag, value in (("--wandb-exp-name", logging_config.wandb_exp_name),
+                        ("--wandb-save-dir", logging_config.wandb_save_dir)):
+        errors += _check(value is None or logging_config.wandb_project is not None,
+                         f"{flag} needs --wandb-project")
+    if logging_config.tensorboard_dir is not None:
+        errors += _check(importlib.util.find_spec("tensorboard") is not None,
+                         "--tensorboard-dir needs the tensorboard package: pip install tensorboard")
+    if logging_config.wandb_project is not None:
+        errors += _check(importlib.util.find_spec("wandb") is not None,
+                         "--wandb-project needs the wandb package: pip install wandb "
+                         "(or pip install megakd[wandb])")
+    return errors
+
+
+def _validate_checkpoint_flags(ckpt: CheckpointConfig) -> List[str]:
+    """Save/load/exit flags: intervals positive, load options only with --load."""
+    errors: List[str] = []
+    for flag, value in (("--save-interval", ckpt.save_interval),
+                        ("--exit-interval", ckpt.exit_interval),
+                        ("--exit-duration-in-mins", ckpt.exit_duration_in_mins)):
+        if value is not None:
+            errors += _check(value > 0, f"{flag} must be positive, got {value}")
+    if ckpt.save_interval is not None:
+        errors += _check(ckpt.save is not None, "--save-interval needs --save")
+    for flag, given in (("--finetune", ckpt.finetune), ("--no-load-optim", ckpt.no_load_optim),
+                        ("--no-load-rng", ckpt.no_load_rng)):
+        if given:
+            errors += _check(ckpt.load is not None, f"{flag} needs --load")
+    errors += _check(not (ckpt.override_opt_param_scheduler
+                          and ckpt.use_checkpoint_opt_param_scheduler),
+                     "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                     "exclude each other")
     return errors
 
 
@@ -467,11 +725,21 @@ def validate(config: KDRunConfig) -> None:
     if data.tokenizer_type == "NullTokenizer":
         errors += _check(data.vocab_size is not None and data.vocab_size > 0,
                          "--vocab-size is required (and positive) with --tokenizer-type NullTokenizer")
+    if data.padded_vocab_size is not None:
+        errors += _check(data.padded_vocab_size > 0 and data.padded_vocab_size % tp == 0,
+                         f"--padded-vocab-size={data.padded_vocab_size} must be positive and "
+                         f"divisible by --tensor-model-parallel-size={tp}")
+        if data.tokenizer_type == "NullTokenizer" and data.vocab_size is not None:
+            errors += _check(data.padded_vocab_size >= data.vocab_size + 1,
+                             f"--padded-vocab-size={data.padded_vocab_size} is smaller than the "
+                             f"vocabulary (--vocab-size {data.vocab_size} + EOD)")
     if config.teacher.vocab_size != config.student.vocab_size:
         errors.append(f"teacher and student vocab sizes differ: --teacher-vocab-size="
                       f"{config.teacher.vocab_size} vs --vocab-size={config.student.vocab_size}; "
                       "distillation needs one tokenizer")
-    errors += _check(data.mock_data, "no data source: pass --mock-data (real data arrives with --data-path)")
+    from megakd.data.sources import check_data_flags  # reads chat JSONL: bad lines fail here
+
+    errors += check_data_flags(data)
 
     dp = par.data_parallel_size if par.world_size % (tp * pp) == 0 else 1
     if train.global_batch_size is None:
@@ -500,10 +768,23 @@ def validate(config: KDRunConfig) -> None:
     if par.sequence_parallel:
         errors += _check(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
     errors += _check(config.runtime.device in ("auto", "cuda", "cpu"), "--device must be auto, cuda or cpu")
+    errors += _validate_eval_and_logging(config.eval, config.logging)
+    errors += _check(config.runtime.attention_backend in ATTENTION_BACKENDS,
+                     f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+                     f"got {config.runtime.attention_backend!r}")
     for flag, path in (("--teacher-load", config.checkpoint.teacher_load),
-                       ("--load", config.checkpoint.load)):
-        if path is not None:
+                       ("--load", config.checkpoint.load),
+                       ("--pretrained-checkpoint", config.checkpoint.pretrained_checkpoint)):
+        resumable_first_launch = (flag == "--load" and config.checkpoint.save is not None
+                                  and os.path.abspath(path or "") ==
+                                  os.path.abspath(config.checkpoint.save))
+        if path is not None and not resumable_first_launch:
             errors += _check(os.path.isdir(path), f"{flag} {path}: no such checkpoint directory")
+    errors += _validate_checkpoint_flags(config.checkpoint)
+    if config.checkpoint.teacher_cache is not None:
+        from megakd.cache.manifest import check_cache_flags  # reads DIR/manifest.json
+
+        errors += check_cache_flags(config)
     if errors:
         raise ConfigError("; ".join(errors))
 

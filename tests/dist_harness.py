@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
+import time
 import traceback
 from typing import Any, Callable, List
 
@@ -47,14 +49,23 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
     for proc in procs:
         proc.start()
     results, errors = {}, []
+    deadline = time.monotonic() + timeout
     try:
-        for _ in range(world_size):
-            rank, status, payload = queue.get(timeout=timeout)
+        while len(results) < world_size and not errors:
+            try:
+                rank, status, payload = queue.get(timeout=2.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+                if dead:  # killed or crashed before it could report (e.g. a bad import)
+                    errors.append(f"ranks {dead} exited with {[procs[r].exitcode for r in dead]} "
+                                  "without reporting")
+                elif time.monotonic() > deadline:
+                    errors.append(f"timed out after {timeout} s")
+                continue
             if status == "ok":
                 results[rank] = payload
             else:
-                errors.append(f"rank {rank}:\n{payload}")
-                break  # the other ranks are likely blocked in a collective
+                errors.append(f"rank {rank}:\n{payload}")  # the others may be stuck in a collective
     finally:
         for proc in procs:
             proc.join(timeout=5 if errors else timeout)

@@ -47,12 +47,15 @@ def _init(config: KDRunConfig):
     return initialize(
         tensor_model_parallel_size=par.tensor_model_parallel_size,
         pipeline_model_parallel_size=par.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=par.virtual_pipeline_size(config.student.num_layers),
         device="cpu", seed=config.training.seed,
     )
 
 
-def _gather_full_logits(state, microbatches) -> Optional[torch.Tensor]:
-    """Student logits ``[n_mb, b, s, V]`` on the last stage (TP shards all-gathered: test only)."""
+def full_logits(chunks, microbatches, seq_length: int = SEQ,
+                micro_batch_size: int = MBS) -> Optional[torch.Tensor]:
+    """Logits ``[n_mb, b, s, V]`` of ``chunks`` on the last stage (TP shards all-gathered: test
+    only; None on other stages)."""
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
@@ -70,10 +73,15 @@ def _gather_full_logits(state, microbatches) -> Optional[torch.Tensor]:
     with torch.no_grad():
         out = get_forward_backward_func()(
             forward_step_func=forward_step, data_iterator=iter(microbatches),
-            model=state.student, num_microbatches=len(microbatches), seq_length=SEQ,
-            micro_batch_size=MBS, forward_only=True, collect_non_loss_data=True,
+            model=chunks, num_microbatches=len(microbatches), seq_length=seq_length,
+            micro_batch_size=micro_batch_size, forward_only=True, collect_non_loss_data=True,
         )
     return torch.stack(out) if out else None
+
+
+def _gather_full_logits(state, microbatches) -> Optional[torch.Tensor]:
+    """Student logits ``[n_mb, b, s, V]`` on the last stage."""
+    return full_logits(state.student, microbatches)
 
 
 def _microbatches(state):
@@ -222,3 +230,75 @@ def objectives_worker(rank: int, workdir: str, tp: int, pp: int, iters: int) -> 
 
 
 _TASKS["objectives"] = objectives_worker
+
+
+# Layout variants on a 4-layer student (so PP=2 can hold two virtual stages per rank).
+VARIANT_STUDENT = ("--num-layers", "4")
+VARIANTS = {
+    # name: (tp, pp, extra flags)
+    "tp2pp2": (2, 2, ()),
+    "tp2pp2-vpp2": (2, 2, ("--num-layers-per-virtual-pipeline-stage", "1")),
+    "tp2dp2": (2, 1, ()),
+    "tp2dp2-distopt": (2, 1, ("--use-distributed-optimizer",)),
+    "tp2dp2-sp": (2, 1, ("--sequence-parallel",)),
+    "tp2dp2-bf16": (2, 1, ("--bf16",)),
+}
+
+
+def variants_worker(rank: int, workdir: str, iters: int) -> Dict[str, dict]:
+    """Each variant in :data:`VARIANTS` trains ``iters`` steps from the same initial weights;
+    returns its loss curve and grad norms (last rank) for comparison with its plain layout."""
+    from megakd.training.checkpointing import save_model_weights
+    from megakd.training.loop import train_step
+    from megakd.training.setup import setup
+
+    world = int(os.environ["WORLD_SIZE"])
+    init_student, init_teacher = f"{workdir}/variant_init_student", f"{workdir}/variant_init_teacher"
+    results = {}
+    for name, (tp, pp, extra) in VARIANTS.items():
+        load = [] if not results else ["--load", init_student, "--teacher-load", init_teacher]
+        config = make_config(tp, pp, world, [*VARIANT_STUDENT, *load, *extra])
+        state = setup(config, _init(config))
+        if not results:
+            save_model_weights(state.student, init_student)
+            save_model_weights(state.teacher, init_teacher)
+        records = [train_step(state) for _ in range(iters)]
+        results[name] = {
+            "curve": [r.losses for r in records],
+            "grad_norms": [r.grad_norm for r in records],
+            "num_chunks": len(state.student),
+        }
+    return results
+
+
+_TASKS["variants"] = variants_worker
+
+
+def pretrained_worker(rank: int, workdir: str) -> Dict[str, object]:
+    """``--pretrained-checkpoint`` seeds a resumable run: the first launch (empty ``--load``
+    root) starts from those weights at iteration 0; the next launch resumes from ``--load``."""
+    from megakd.training.loop import train
+    from megakd.training.setup import setup
+
+    def checksum(state) -> float:
+        return sum(p.detach().double().sum().item() for p in state.student[0].parameters())
+
+    root = f"{workdir}/pretrained_run"
+    flags = ["--load", root, "--save", root, "--pretrained-checkpoint", f"{workdir}/init_student",
+             "--lr-decay-iters", "4"]  # the schedule must not change when --train-iters grows
+    quiet = lambda *args: None  # noqa: E731
+    reference = setup(make_config(1, 1, 1, ["--load", f"{workdir}/init_student"]),
+                      _init(make_config(1, 1, 1)), log=quiet)
+    config = make_config(1, 1, 1, [*flags, "--train-iters", "2"])
+    first = setup(config, _init(config), log=quiet)
+    facts = {"first_iteration": first.iteration,
+             "first_matches_pretrained": checksum(first) == checksum(reference)}
+    train(first, log=quiet)
+    trained = checksum(first)
+    config = make_config(1, 1, 1, [*flags, "--train-iters", "3"])
+    second = setup(config, _init(config), log=quiet)
+    facts.update(second_iteration=second.iteration, second_matches_trained=checksum(second) == trained)
+    return facts
+
+
+_TASKS["pretrained"] = pretrained_worker

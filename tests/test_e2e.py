@@ -27,7 +27,8 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world1(workdir):
-    tasks = [("layouts", ([(1, 1)], workdir, True)), ("self_distill", (workdir, 1, 1))]
+    tasks = [("layouts", ([(1, 1)], workdir, True)), ("self_distill", (workdir, 1, 1)),
+             ("pretrained", (workdir,))]
     return run_distributed(1, e2e_workers.run_tasks, tasks)[0]
 
 
@@ -44,6 +45,7 @@ def world4(workdir, world1):
         ("self_distill", (workdir, 2, 2)),
         ("training", (workdir, 2, 1, 6, PURE_KD)),  # TP2 x DP2, six steps
         ("objectives", (workdir, 2, 2, 3)),  # every --kd-loss, dense and top-k, TP2 x PP2
+        ("variants", (workdir, 3)),  # VPP, distributed optimizer, sequence parallel, bf16
     ]
     return run_distributed(4, e2e_workers.run_tasks, tasks)
 
@@ -105,6 +107,12 @@ def test_updated_weights_match_single_rank(weight_diffs):
         assert diff < 1e-3 * lr, f"{name}: updated weights differ from TP=1 by {diff}"
 
 
+def test_pretrained_checkpoint_seeds_then_resume_takes_over(world1):
+    facts = world1["pretrained"]
+    assert facts["first_iteration"] == 0 and facts["first_matches_pretrained"], facts
+    assert facts["second_iteration"] == 2 and facts["second_matches_trained"], facts
+
+
 def test_student_copy_of_teacher_has_zero_kd(world1, world4):
     for label, losses in (("TP1", world1["self_distill"]), ("TP2xPP2", world4[-1]["self_distill"])):
         assert abs(losses["kd loss"]) < 1e-6, f"{label}: KD loss {losses['kd loss']} for a copy"
@@ -133,3 +141,30 @@ def test_every_objective_trains_at_tp2_pp2(world4):
     for name, curve in curves.items():
         assert len(curve) == 3 and all(math.isfinite(v) for v in curve), (name, curve)
         assert curve[-1] < curve[0], f"{name}: KD loss did not decrease: {curve}"
+
+
+# (variant, plain layout it must reproduce, relative tolerance on losses and grad norms)
+_VARIANT_PAIRS = [
+    ("tp2pp2-vpp2", "tp2pp2", 1e-5),
+    ("tp2dp2-distopt", "tp2dp2", 1e-5),
+    ("tp2dp2-sp", "tp2dp2", 1e-5),
+    ("tp2dp2", "tp2pp2", 1e-5),
+    ("tp2dp2-bf16", "tp2dp2", 3e-2),  # bf16 weights and activations vs float32
+]
+
+
+@pytest.mark.parametrize("variant,plain,rel", _VARIANT_PAIRS, ids=[p[0] for p in _VARIANT_PAIRS])
+def test_layout_variants_match_plain_layout(variant, plain, rel, world4):
+    """Three training steps from the same weights: virtual pipeline stages (student and teacher),
+    the distributed optimizer and sequence parallelism reproduce the plain layout's losses and
+    grad norms; bf16 stays within bf16 rounding of float32."""
+    runs = world4[-1]["variants"]
+    got, ref = runs[variant], runs[plain]
+    if variant.endswith("vpp2"):
+        assert got["num_chunks"] == 2 and ref["num_chunks"] == 1
+    for step, (g, r) in enumerate(zip(got["curve"], ref["curve"])):
+        for name in ("lm loss", "kd loss"):
+            assert math.isclose(g[name], r[name], rel_tol=rel, abs_tol=rel * 1e-2), (
+                f"{variant} step {step}: {name} {g[name]} vs {plain} {r[name]}")
+    for step, (g, r) in enumerate(zip(got["grad_norms"], ref["grad_norms"])):
+        assert math.isclose(g, r, rel_tol=rel), f"{variant} step {step}: grad norm {g} vs {r}"

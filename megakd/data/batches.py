@@ -14,6 +14,8 @@ from typing import List, Optional
 
 import torch
 
+from megakd.data.packing import block_causal_attention_mask
+
 
 @dataclass
 class Microbatch:
@@ -24,7 +26,13 @@ class Microbatch:
     labels: torch.Tensor
     loss_mask: torch.Tensor  # 1.0 where the student's CE applies (response tokens)
     position_ids: torch.Tensor
-    prompt_mask: Optional[torch.Tensor] = None  # 1.0 on prompt tokens that have a next token
+    prompt_mask: Optional[torch.Tensor] = None  # 1.0 where the label is a prompt token
+    # [b, 1, s, s] bool, True = masked out: block-diagonal causal mask of packed sequences
+    # (megatron's convention; None = plain causal attention)
+    attention_mask: Optional[torch.Tensor] = None
+    # [b] int64: each sample's index in its dataset (what consumed_samples counts; the key of
+    # an offline teacher cache, megakd/cache)
+    sample_ids: Optional[torch.Tensor] = None
 
     @property
     def num_tokens(self) -> int:
@@ -44,6 +52,7 @@ def _collate(samples: List[dict], index: int, device: torch.device) -> Microbatc
             return None
         return torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device)
 
+    document_ids = stack("document_ids")
     return Microbatch(
         index=index,
         tokens=stack("tokens"),
@@ -51,6 +60,7 @@ def _collate(samples: List[dict], index: int, device: torch.device) -> Microbatc
         loss_mask=stack("loss_mask").float(),
         position_ids=stack("position_ids"),
         prompt_mask=stack("prompt_mask"),
+        attention_mask=None if document_ids is None else block_causal_attention_mask(document_ids),
     )
 
 
@@ -69,6 +79,8 @@ def iteration_microbatches(
     microbatches = []
     for m in range(num_microbatches):
         start = consumed_samples + m * per_step + data_parallel_rank * micro_batch_size
-        samples = [dataset[(start + j) % len(dataset)] for j in range(micro_batch_size)]
-        microbatches.append(_collate(samples, m, device))
+        sample_ids = [(start + j) % len(dataset) for j in range(micro_batch_size)]
+        microbatch = _collate([dataset[i] for i in sample_ids], m, device)
+        microbatch.sample_ids = torch.tensor(sample_ids, dtype=torch.int64)
+        microbatches.append(microbatch)
     return microbatches

@@ -1,4 +1,11 @@
-"""Tokenizer and GPT datasets from megatron-core (``megatron.core.tokenizers``/``datasets``)."""
+"""Train/valid/test datasets through megatron-core's ``BlendedMegatronDatasetBuilder``.
+
+Three sources (docs/data.md): ``--mock-data`` (megatron-core's ``MockGPTDataset``),
+``--data-path`` with indexed ``.bin/.idx`` prefixes (``GPTDataset``, written by
+tools/preprocess_data.py), and ``--data-path`` with chat JSONL files (``--dataset-format chat``,
+:class:`~megakd.data.chat_dataset.ChatDataset`). Weighted blends and ``--split`` work the same
+for all real data.
+"""
 
 from __future__ import annotations
 
@@ -6,59 +13,65 @@ import logging
 from typing import Sequence, Tuple
 
 from megakd.arguments import DataConfig
+from megakd.data.sources import parse_blend
+from megakd.data.tokenizers import load_tokenizer
 
 
 def build_tokenizer(data: DataConfig):
-    """A ``megatron.core.tokenizers`` tokenizer for ``--tokenizer-type``.
+    """A ``megatron.core.tokenizers`` tokenizer for ``--tokenizer-type``/``--tokenizer-model``.
 
     NullTokenizer (ids are the text) has ``--vocab-size`` + 1 tokens: Megatron appends EOD.
     """
-    from megatron.core.tokenizers import MegatronTokenizer
+    return load_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size)
 
-    if data.tokenizer_type == "NullTokenizer":
-        return MegatronTokenizer.from_pretrained(
-            metadata_path={"library": "null"}, vocab_size=data.vocab_size
-        )
-    library = {"SentencePieceTokenizer": "sentencepiece", "HuggingFaceTokenizer": "huggingface"}[
-        data.tokenizer_type
-    ]
-    if not data.tokenizer_model:
-        raise ValueError(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model")
-    return MegatronTokenizer.from_pretrained(
-        tokenizer_path=data.tokenizer_model, metadata_path={"library": library}
+
+def _common_config(data: DataConfig, tokenizer, seed: int) -> dict:
+    """Fields every megatron-core dataset config here shares."""
+    return dict(
+        random_seed=seed,
+        sequence_length=data.seq_length,
+        tokenizer=tokenizer,
+        path_to_cache=data.data_cache_path,
     )
 
 
 def build_gpt_datasets(
     data: DataConfig, tokenizer, num_samples: Sequence[int], seed: int
 ) -> Tuple[object, object, object]:
-    """Train/valid/test datasets of ``num_samples`` samples each (megatron-core GPTDataset).
+    """Train/valid/test datasets holding at least ``num_samples`` samples each (None for a
+    split that ``--split`` gives no weight).
 
-    Each sample is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, all ``[s]``.
+    Each sample is a dict of ``tokens``, ``labels``, ``loss_mask``, ``position_ids``, all
+    ``[s]``; chat samples add ``prompt_mask`` ``[s]``, and with ``--pack-sequences``
+    ``document_ids`` ``[s]`` (see :mod:`megakd.data.packing`).
     """
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    if not data.mock_data:
-        raise NotImplementedError("only --mock-data is wired up so far")
-    # The mock dataset has nowhere to cache its indices and says so on every rank.
-    logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
-    config = GPTDatasetConfig(
-        random_seed=seed,
-        sequence_length=data.seq_length,
-        blend=None,
-        blend_per_split=None,
-        split="99,1,0",
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        create_attention_mask=False,
-        path_to_cache=None,
-    )
+    gpt_flags = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                     create_attention_mask=False)
+    if data.mock_data:
+        # The mock dataset has nowhere to cache its indices and says so on every rank.
+        logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
+        dataset_class = MockGPTDataset
+        config = GPTDatasetConfig(blend=None, blend_per_split=None, split="99,1,0",
+                                  **_common_config(data, tokenizer, seed), **gpt_flags)
+    elif data.dataset_format == "chat":
+        from megakd.data.chat_dataset import ChatDataset, ChatDatasetConfig
+
+        dataset_class = ChatDataset
+        config = ChatDatasetConfig(
+            blend=parse_blend(data.data_path), split=data.split,
+            messages_key=data.messages_key, prompt_key=data.prompt_key,
+            response_key=data.response_key, pack_sequences=data.pack_sequences,
+            **_common_config(data, tokenizer, seed))
+    else:
+        dataset_class = GPTDataset
+        config = GPTDatasetConfig(blend=parse_blend(data.data_path), split=data.split,
+                                  **_common_config(data, tokenizer, seed), **gpt_flags)
     train, valid, test = BlendedMegatronDatasetBuilder(
-        MockGPTDataset, list(num_samples), lambda: True, config
+        dataset_class, list(num_samples), lambda: True, config
     ).build()
     return train, valid, test

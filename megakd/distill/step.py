@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
+from megakd.arguments import KDConfig
 from megakd.data import Microbatch
 from megakd.distill.loss import DistillationLoss, GlobalTokenCounts, count_global_tokens
-from megakd.distill.teacher import TeacherRunner, microbatch_iterators, pipeline_sizes
+from megakd.distill.teacher import TeacherSource, microbatch_iterators, pipeline_sizes
 
 
 class DistillationStep:
@@ -24,7 +26,7 @@ class DistillationStep:
     def __init__(
         self,
         student_chunks: List[torch.nn.Module],
-        teacher: Optional[TeacherRunner],
+        teacher: Optional[TeacherSource],  # TeacherRunner, or a cache (--teacher-cache)
         loss: DistillationLoss,
         seq_length: int,
         micro_batch_size: int,
@@ -40,24 +42,29 @@ class DistillationStep:
     def _student_forward_step(self, teacher_outputs, counts: GlobalTokenCounts,
                               data_iterator: Iterator[Microbatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        logits = model(batch.tokens, batch.position_ids, None)  # [b, s, V/tp] on the last stage
+        # [b, s, V/tp] on the last stage; attention_mask is None unless sequences are packed
+        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
         teacher_output = teacher_outputs[batch.index] if teacher_outputs else None
         return logits, functools.partial(self.loss, batch, teacher_output, counts)
 
-    def run(self, microbatches: Sequence[Microbatch], forward_only: bool = False) -> List[dict]:
+    def run(self, microbatches: Sequence[Microbatch], forward_only: bool = False,
+            timers=None) -> List[dict]:
         """Forward (and backward unless ``forward_only``) over the microbatches.
 
         Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch.
+        ``timers`` (megatron-core ``Timers``) times ``teacher-forward`` and ``forward-backward``
+        (the student's schedule, loss included).
         """
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        teacher_outputs = (
-            self.teacher.run(microbatches) if self.teacher is not None else []
-        )
+        with _timed(timers, "teacher-forward"):
+            teacher_outputs = (
+                self.teacher.run(microbatches) if self.teacher is not None else []
+            )
         counts = count_global_tokens(microbatches, self.loss.kd, self.dp_group)
         forward_backward = get_forward_backward_func(**pipeline_sizes(len(self.student_chunks)))
         step = functools.partial(self._student_forward_step, teacher_outputs, counts)
-        with torch.set_grad_enabled(not forward_only):
+        with torch.set_grad_enabled(not forward_only), _timed(timers, "forward-backward"):
             return forward_backward(
                 forward_step_func=step,
                 data_iterator=microbatch_iterators(microbatches, len(self.student_chunks)),
@@ -67,6 +74,31 @@ class DistillationStep:
                 micro_batch_size=self.micro_batch_size,
                 forward_only=forward_only,
             )
+
+
+@contextlib.contextmanager
+def _timed(timers, name: str):
+    """Time the block with megatron-core ``Timers`` at log level 1 (no-op without timers)."""
+    if timers is None:
+        yield
+        return
+    timers(name, log_level=1).start()
+    try:
+        yield
+    finally:
+        timers(name, log_level=1).stop()
+
+
+def combined_loss(kd: KDConfig, means: Dict[str, float]) -> Optional[float]:
+    """The optimised objective ``(1 - w) * CE + w * KD`` (KD times T^2 with
+    ``--kd-temperature-scaling``) from reported token means; None off the last stage."""
+    if "lm loss" not in means:
+        return None
+    total = (1.0 - kd.loss_weight) * means["lm loss"]
+    if "kd loss" in means:
+        scale = kd.temperature ** 2 if kd.temperature_scaling else 1.0
+        total += kd.loss_weight * scale * means["kd loss"]
+    return total
 
 
 def reduce_reported(per_microbatch: List[Dict[str, torch.Tensor]], dp_group) -> Dict[str, float]:

@@ -13,15 +13,24 @@ either model may use virtual pipeline stages.
 from __future__ import annotations
 
 import functools
-from typing import Callable, Iterator, List, Optional, Sequence, Union
+from typing import Callable, Dict, Iterator, List, Optional, Protocol, Sequence, Union
 
 import torch
 
 from megakd.arguments import KDConfig
 from megakd.data import Microbatch
-from megakd.losses import TeacherTopK, teacher_topk
+from megakd.losses import TeacherTopK, teacher_topk, vocab_parallel_cross_entropy
 
 TeacherOutput = Union[torch.Tensor, TeacherTopK]
+
+
+class TeacherSource(Protocol):
+    """Where the student's step gets teacher outputs: the live :class:`TeacherRunner`, or an
+    offline cache (:class:`megakd.cache.CachedTeacher`, ``--teacher-cache``)."""
+
+    def run(self, microbatches: Sequence[Microbatch]) -> List[TeacherOutput]:
+        """One output per microbatch, in order, on the last pipeline stage; ``[]`` elsewhere."""
+        ...
 
 _TOPK_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
@@ -70,7 +79,7 @@ class TeacherRunner:
 
     def _forward_step(self, data_iterator: Iterator[Microbatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        logits = model(batch.tokens, batch.position_ids, None)
+        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
         return logits, self._keep
 
     def _keep(self, logits: torch.Tensor, non_loss_data: bool = True) -> TeacherOutput:
@@ -88,14 +97,42 @@ class TeacherRunner:
             dtype=_TOPK_DTYPES[self.kd.topk_dtype],
         )
 
-    @torch.no_grad()
+    def _cross_entropy_step(self, data_iterator: Iterator[Microbatch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        return logits, functools.partial(self._masked_cross_entropy, batch)
+
+    def _masked_cross_entropy(self, batch: Microbatch, logits: torch.Tensor,
+                              non_loss_data: bool = True) -> Dict[str, torch.Tensor]:
+        """Last stage: the teacher's CE summed over the loss mask, and the token count."""
+        from megatron.core import parallel_state
+
+        ce = vocab_parallel_cross_entropy(
+            logits, batch.labels, valid_vocab_size=self.valid_vocab_size,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
+        mask = batch.loss_mask.float()
+        return {"lm loss": torch.stack([(ce * mask).sum(), mask.sum()])}
+
     def run(self, microbatches: Sequence[Microbatch]) -> List[TeacherOutput]:
         """Teacher outputs for each microbatch on the last pipeline stage; ``[]`` elsewhere."""
+        return self._forward_only(microbatches, self._forward_step)
+
+    def cross_entropy(self, microbatches: Sequence[Microbatch]) -> List[Dict[str, torch.Tensor]]:
+        """The teacher's own LM loss, per microbatch ``{"lm loss": tensor([sum, count])}`` on
+        the last stage (``[]`` elsewhere): the baseline a student's validation CE is compared to.
+        Reduce with :func:`megakd.distill.reduce_reported`."""
+        return self._forward_only(microbatches, self._cross_entropy_step)
+
+    @torch.no_grad()
+    def _forward_only(self, microbatches: Sequence[Microbatch], forward_step: Callable) -> list:
+        """megatron-core's forward-only schedule over the teacher chunks; what ``forward_step``'s
+        function returns on the last stage, per microbatch."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         forward_backward = get_forward_backward_func(**pipeline_sizes(len(self.chunks)))
         return forward_backward(
-            forward_step_func=self._forward_step,
+            forward_step_func=forward_step,
             data_iterator=microbatch_iterators(microbatches, len(self.chunks)),
             model=self.chunks,
             num_microbatches=len(microbatches),

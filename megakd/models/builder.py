@@ -2,18 +2,22 @@
 
 A model is always a list of chunks, one per virtual pipeline stage held by this rank (a single
 chunk without virtual pipelining), as megatron-core's schedules expect. The layer spec is
-Transformer Engine's when TE imports, the local (pure PyTorch) spec otherwise.
+Transformer Engine's when TE imports, the local (pure PyTorch) spec otherwise, whose core
+attention is PyTorch's SDPA (:mod:`megakd.models.attention`) unless ``--attention-backend``
+asks for megatron's unfused ``DotProductAttention``.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 
-from megakd.arguments import ModelArchConfig, ParallelConfig
+from megakd.arguments import ATTENTION_BACKENDS, ModelArchConfig, ParallelConfig
+from megakd.models.norms import TorchNorm
 
 
 @functools.lru_cache(maxsize=None)
@@ -35,18 +39,34 @@ def transformer_config_from_arch(
     bf16: bool = False,
     hidden_dropout: float = 0.0,
     attention_dropout: float = 0.0,
+    params_dtype: Optional[torch.dtype] = None,
+    perform_initialization: bool = True,
 ):
-    """Megatron ``TransformerConfig`` for one architecture at this run's parallel layout."""
+    """Megatron ``TransformerConfig`` for one architecture at this run's parallel layout.
+
+    ``params_dtype`` overrides ``bf16`` (the converters build fp16/bf16/fp32 models);
+    ``perform_initialization=False`` leaves weights uninitialised (they are about to be loaded).
+    """
+    dtype = params_dtype or (torch.bfloat16 if bf16 else torch.float32)
+    with warnings.catch_warnings():
+        # megatron-core 0.16 warns about its own default cuda_graph_scope on every config.
+        warnings.filterwarnings("ignore", message="full scope is deprecated")
+        return _transformer_config(arch, parallel, dtype, hidden_dropout, attention_dropout,
+                                   perform_initialization)
+
+
+def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: torch.dtype,
+                        hidden_dropout: float, attention_dropout: float,
+                        perform_initialization: bool):
     from megatron.core.transformer import TransformerConfig
 
-    dtype = torch.bfloat16 if bf16 else torch.float32
     return TransformerConfig(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
-        kv_channels=arch.hidden_size // arch.num_attention_heads,
+        kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
         gated_linear_unit=arch.swiglu,
         activation_func=F.silu if arch.swiglu else F.gelu,
         normalization=arch.normalization,
@@ -61,23 +81,67 @@ def transformer_config_from_arch(
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(arch.num_layers),
         sequence_parallel=parallel.sequence_parallel,
-        bf16=bf16,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
         calculate_per_token_loss=True,
+        # Interleaved schedules exchange activations and gradients with the same peer in one
+        # step; batched p2p matches those by posting order, which pairs them wrongly at PP=2
+        # (silently: both are [s, b, h]). Megatron-LM's VPP default is unbatched p2p too.
+        batch_p2p_comm=parallel.virtual_pipeline_size(arch.num_layers) is None,
+        perform_initialization=perform_initialization,
     )
 
 
-def _layer_spec(arch: ModelArchConfig):
+def _layer_spec(arch: ModelArchConfig, attention_backend: str = "auto"):
+    """Transformer layer spec for ``--attention-backend``.
+
+    ``auto``: Transformer Engine's spec when TE is available, else megatron-core's local spec
+    with :class:`~megakd.models.attention.SDPADotProductAttention` (``sdpa``). ``sdpa``,
+    ``unfused`` and ``local`` always use the local spec; ``unfused``/``local`` keep megatron's
+    ``DotProductAttention`` (baddbmm + softmax + bmm).
+    """
     from megatron.core.models.gpt import gpt_layer_specs
 
-    if transformer_engine_available():
+    if attention_backend not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, "
+                         f"got {attention_backend!r}")
+    if attention_backend == "auto" and transformer_engine_available():
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
             qk_layernorm=arch.qk_layernorm
         )
-    return gpt_layer_specs.get_gpt_layer_local_spec(
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(
         qk_layernorm=arch.qk_layernorm, normalization=arch.normalization
+    )
+    # get_gpt_layer_local_spec builds a new spec on every call: replacing its slots is local.
+    layer = spec.submodules
+    layer.input_layernorm = layer.pre_mlp_layernorm = TorchNorm  # sequence-parallel capable
+    if arch.qk_layernorm:
+        layer.self_attention.submodules.q_layernorm = TorchNorm
+        layer.self_attention.submodules.k_layernorm = TorchNorm
+    if attention_backend in ("auto", "sdpa"):
+        from megakd.models.attention import SDPADotProductAttention
+
+        layer.self_attention.submodules.core_attention = SDPADotProductAttention
+    return spec
+
+
+def _block_spec(layer_spec, config, vp_stage: Optional[int]):
+    """The local spec as a whole block, so the final norm is :class:`TorchNorm` too (megatron's
+    default block pairs a layer spec with apex's or the SP-refusing torch norm). TE specs pass
+    through unchanged."""
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if layer_spec.submodules.input_layernorm is not TorchNorm:
+        return layer_spec
+    return TransformerBlockSubmodules(
+        layer_specs=[layer_spec] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=TorchNorm,
     )
 
 
@@ -89,23 +153,29 @@ def build_gpt_chunks(
     *,
     bf16: bool = False,
     device: Optional[torch.device] = None,
+    attention_backend: str = "auto",
+    params_dtype: Optional[torch.dtype] = None,
+    perform_initialization: bool = True,
 ) -> List[torch.nn.Module]:
     """GPTModel chunks for this rank: ``[chunk]``, or one per virtual stage with VPP.
 
     Output of the last stage is vocab-parallel logits ``[b, s, V/tp]`` (``parallel_output``).
+    ``attention_backend`` is ``--attention-backend`` (see :func:`_layer_spec`);
+    ``params_dtype``/``perform_initialization`` as in :func:`transformer_config_from_arch`.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config_from_arch(arch, parallel, bf16=bf16)
-    spec = _layer_spec(arch)
+    config = transformer_config_from_arch(arch, parallel, bf16=bf16, params_dtype=params_dtype,
+                                          perform_initialization=perform_initialization)
+    spec = _layer_spec(arch, attention_backend)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):
         stage = vp_stage if vp_size is not None else None
         model = GPTModel(
             config=config,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(spec, config, stage),
             vocab_size=padded_vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
@@ -115,6 +185,8 @@ def build_gpt_chunks(
             position_embedding_type=arch.position_embedding_type,
             rotary_percent=arch.rotary_percent,
             rotary_base=arch.rotary_base,
+            rope_scaling=arch.use_rope_scaling,
+            rope_scaling_factor=arch.rope_scaling_factor,
             vp_stage=stage,
         )
         if device is not None:
@@ -125,19 +197,21 @@ def build_gpt_chunks(
     return chunks
 
 
-def build_student(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None):
+def build_student(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None,
+                  attention_backend="auto"):
     """Trainable student chunks (not yet wrapped in DDP)."""
     chunks = build_gpt_chunks(arch, parallel, padded_vocab_size, max_sequence_length,
-                              bf16=bf16, device=device)
+                              bf16=bf16, device=device, attention_backend=attention_backend)
     for chunk in chunks:
         chunk.train()
     return chunks
 
 
-def build_teacher(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None):
+def build_teacher(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None,
+                  attention_backend="auto"):
     """Frozen teacher chunks: eval mode, no gradients, never given to an optimizer."""
     chunks = build_gpt_chunks(arch, parallel, padded_vocab_size, max_sequence_length,
-                              bf16=bf16, device=device)
+                              bf16=bf16, device=device, attention_backend=attention_backend)
     for chunk in chunks:
         chunk.eval()
         for param in chunk.parameters():

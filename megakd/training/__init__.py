@@ -30,7 +30,7 @@ def pretrain_kd(config: KDRunConfig, log=print):
     )
     try:
         start = time.perf_counter()
-        state = setup(config, runtime)
+        state = setup(config, runtime, log=log)
         if runtime.launch.rank == 0:
             log(f"megakd: world {par.world_size} = TP {par.tensor_model_parallel_size} x PP "
                 f"{par.pipeline_model_parallel_size} x DP {par.data_parallel_size} on "
@@ -38,14 +38,8 @@ def pretrain_kd(config: KDRunConfig, log=print):
                 f"padded to {state.padded_vocab_size}; kd loss {config.kd.loss}"
                 f"{'' if config.kd.topk is None else f' top-{config.kd.topk}'}, weight "
                 f"{config.kd.loss_weight}, T={config.kd.temperature}")
-        history = train(state, log=log)
-        if config.checkpoint.save:
-            from megakd.training.checkpointing import save_model_weights
-
-            save_model_weights(state.student, config.checkpoint.save)
-            if runtime.launch.rank == 0:
-                log(f"megakd: saved student weights to {config.checkpoint.save}")
-        if is_logging_rank():
+        history = train(state, log=log)  # checkpoints to --save periodically, on exit, at the end
+        if is_logging_rank() and history.records:  # none when resumed at --train-iters
             lm = history.first_last("lm loss")
             kd = history.first_last("kd loss")
             summary = f"megakd: done {state.iteration} iterations in {time.perf_counter() - start:.1f} s"

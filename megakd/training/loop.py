@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
 
+from megakd.arguments import LoggingConfig
 from megakd.data import iteration_microbatches
 from megakd.distill import reduce_reported
+from megakd.distill.step import combined_loss
+from megakd.training.checkpointing import save_checkpoint
+from megakd.training.evaluation import (
+    ValidationRecord,
+    Validator,
+    format_validation,
+    validation_scalars,
+)
+from megakd.training.exits import ExitConditions
+from megakd.training.observability import (
+    MetricsWriters,
+    ProgressMeter,
+    build_metrics_writers,
+    build_timers,
+    is_logging_rank,
+    report_timers,
+    tokens_per_second,
+)
 from megakd.training.setup import TrainingState
 
 
@@ -27,6 +47,8 @@ class IterationRecord:
 @dataclass
 class TrainingHistory:
     records: List[IterationRecord] = field(default_factory=list)
+    validations: List[ValidationRecord] = field(default_factory=list)
+    exit_reason: Optional[str] = None  # set when an --exit-* condition stopped training early
 
     def first_last(self, name: str):
         values = [r.losses[name] for r in self.records if name in r.losses]
@@ -34,12 +56,16 @@ class TrainingHistory:
 
 
 def format_log_line(record: IterationRecord, train_iters: int, global_batch_size: int,
-                    skipped_total: int) -> str:
-    """One line in Megatron-LM's training-log format."""
+                    skipped_total: int, tokens_per_second: Optional[float] = None) -> str:
+    """One line in Megatron-LM's training-log format (throughput with ``--log-throughput``)."""
     parts = [
         f" iteration {record.iteration:8d}/{train_iters:8d}",
         f"consumed samples: {record.consumed_samples:12d}",
         f"elapsed time per iteration (ms): {record.elapsed_ms:.1f}",
+    ]
+    if tokens_per_second is not None:
+        parts.append(f"throughput (tokens/s): {tokens_per_second:.1f}")
+    parts += [
         f"learning rate: {record.learning_rate:.6E}",
         f"global batch size: {global_batch_size:5d}",
     ]
@@ -52,28 +78,32 @@ def format_log_line(record: IterationRecord, train_iters: int, global_batch_size
     return " | ".join(parts) + " |"
 
 
-def is_logging_rank() -> bool:
-    """Megatron logs from the last rank, which sits on the last pipeline stage."""
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+def train_step(state: TrainingState, timers=None) -> IterationRecord:
+    """One iteration on this rank; returns the reduced losses (meaningful on the last stage).
 
-
-def train_step(state: TrainingState) -> IterationRecord:
-    """One iteration on this rank; returns the reduced losses (meaningful on the last stage)."""
+    ``timers`` (from :func:`~megakd.training.observability.build_timers`) time data loading,
+    the teacher pass, the student's forward-backward and the optimizer step.
+    """
     from megatron.core import parallel_state
 
     config = state.config
     train = config.training
+    timers = timers if timers is not None else build_timers(LoggingConfig())
     start = time.perf_counter()
+    timers("batch-generator", log_level=1).start()
     microbatches = iteration_microbatches(
         state.train_dataset, state.consumed_samples, train.global_batch_size,
         train.micro_batch_size, parallel_state.get_data_parallel_rank(),
         parallel_state.get_data_parallel_world_size(), state.runtime.device,
     )
+    timers("batch-generator").stop()
     for chunk in state.student:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
-    per_microbatch = state.step.run(microbatches)
+    per_microbatch = state.step.run(microbatches, timers=timers)
+    timers("optimizer", log_level=1).start()
     update_ok, grad_norm, _ = state.optimizer.step()
+    timers("optimizer").stop()
     if update_ok:
         state.scheduler.step(increment=train.global_batch_size)
     state.iteration += 1
@@ -90,16 +120,108 @@ def train_step(state: TrainingState) -> IterationRecord:
     )
 
 
+def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_total: int,
+                      timers, writers: MetricsWriters, progress: ProgressMeter, log) -> None:
+    """The log line, timers and progress line (logging rank) and the training scalars
+    (TensorBoard/W&B). Every rank calls it: the timers are gathered over ranks."""
+    config = state.config
+    train = config.training
+    record = history.records[-1]
+    interval = history.records[-train.log_interval:]
+    throughput = tokens_per_second(train.global_batch_size * config.data.seq_length,
+                                   [r.elapsed_ms for r in interval])
+    timing = report_timers(timers, config.logging, writers, record.iteration, len(interval),
+                           state.runtime.device)
+    if not is_logging_rank():
+        return
+    log(format_log_line(record, train.train_iters, train.global_batch_size, skipped_total,
+                        throughput if config.logging.log_throughput else None))
+    if timing:
+        log(timing)
+    log(progress.line(record.iteration))
+    writers.add_scalars({
+        "lm loss": record.losses.get("lm loss"),
+        "kd loss": record.losses.get("kd loss"),
+        "total loss": combined_loss(config.kd, record.losses),
+        "learning-rate": record.learning_rate,
+        "grad-norm": record.grad_norm,
+        "tokens-per-sec": throughput,
+        "iteration-time": record.elapsed_ms,
+    }, record.iteration)
+    writers.flush()
+
+
+def _validate(validator: Validator, title: str, history: TrainingHistory,
+              writers: MetricsWriters, log) -> None:
+    """One validation of the student; printed and written on the logging rank, next to the
+    teacher's baseline (so both curves share a chart)."""
+    iteration = validator.state.iteration
+    losses = validator.student_losses()
+    history.validations.append(ValidationRecord(iteration, "student", losses))
+    if is_logging_rank():
+        log(format_validation(title, losses))
+        writers.add_scalars(validation_scalars(losses), iteration)
+        for baseline in (v for v in history.validations if v.model == "teacher"):
+            writers.add_scalars(validation_scalars(baseline.losses, "teacher "), iteration)
+        writers.flush()
+
+
+def _validate_teacher(validator: Validator, history: TrainingHistory,
+                      writers: MetricsWriters, log) -> None:
+    """The teacher's own validation CE, once, before training: the student's target."""
+    if not validator.has_teacher:
+        return
+    losses = validator.teacher_losses()
+    history.validations.append(ValidationRecord(validator.state.iteration, "teacher", losses))
+    if is_logging_rank():
+        log(format_validation("teacher validation loss (baseline)", losses))
+        writers.add_scalars(validation_scalars(losses, "teacher "), validator.state.iteration)
+
+
+def checkpoint_and_check_exit(state: TrainingState, exits: ExitConditions,
+                              log=print) -> Optional[str]:
+    """After an iteration: save when ``--save-interval``, the last iteration or an exit
+    condition says so (needs ``--save``); returns the exit reason, the same on every rank."""
+    ckpt = state.config.checkpoint
+    reason = exits.check(state.iteration)
+    interval_due = ckpt.save_interval is not None and state.iteration % ckpt.save_interval == 0
+    last = state.iteration >= state.config.training.train_iters
+    if ckpt.save and (reason or interval_due or last):
+        save_checkpoint(state, ckpt.save, log=log)
+    if reason and torch.distributed.get_rank() == 0:
+        log(f"megakd: exiting at iteration {state.iteration} ({reason})")
+    return reason
+
+
 def train(state: TrainingState, log=print) -> TrainingHistory:
-    """Run until ``--train-iters``, logging every ``--log-interval`` iterations."""
+    """Run until ``--train-iters`` or an ``--exit-*`` condition, logging every
+    ``--log-interval`` iterations and checkpointing as :func:`checkpoint_and_check_exit` says.
+    With ``--eval-interval``: the teacher's validation baseline first, a validation every
+    interval, and one at the end of training (not after an early exit)."""
     train_config = state.config.training
     history = TrainingHistory()
     skipped = 0
-    while state.iteration < train_config.train_iters:
-        record = train_step(state)
-        skipped += int(record.skipped)
-        history.records.append(record)
-        if is_logging_rank() and record.iteration % train_config.log_interval == 0:
-            log(format_log_line(record, train_config.train_iters,
-                                train_config.global_batch_size, skipped))
+    exits = ExitConditions(state.config.checkpoint, state.runtime.device)
+    writers = build_metrics_writers(state.config)
+    timers = build_timers(state.config.logging)
+    progress = ProgressMeter(train_config.train_iters, state.iteration)
+    validator = Validator(state) if state.config.eval.interval else None
+    with exits.installed(), contextlib.closing(writers):
+        if validator is not None:
+            _validate_teacher(validator, history, writers, log)
+        while state.iteration < train_config.train_iters:
+            record = train_step(state, timers)
+            skipped += int(record.skipped)
+            history.records.append(record)
+            if record.iteration % train_config.log_interval == 0:
+                _report_iteration(state, history, skipped, timers, writers, progress, log)
+            if validator is not None and validator.due(record.iteration):
+                _validate(validator, f"validation loss at iteration {record.iteration}",
+                          history, writers, log)
+            history.exit_reason = checkpoint_and_check_exit(state, exits, log=log)
+            if history.exit_reason:
+                break
+        if validator is not None and not history.exit_reason:
+            _validate(validator, f"validation loss at the end of training (iteration "
+                                 f"{state.iteration})", history, writers, log)
     return history

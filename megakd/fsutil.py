@@ -1,0 +1,15 @@
+"""Filesystem helpers for crash-safe writes (checkpoints, teacher-cache shards)."""
+
+from __future__ import annotations
+
+import os
+
+
+def fsync_dir(path: str) -> None:
+    """Flush a directory's entries (a rename into it) to disk, so a crash after a
+    ``os.replace`` cannot lose the new name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
