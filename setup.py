@@ -28,5 +28,6 @@ setup(
         "wandb": ["wandb"],  # --wandb-project
         "modelopt": ["nvidia-modelopt"],
         "test": ["pytest"],
+        "study": ["matplotlib"],  # examples/cpu_study (make study): the plot in docs/quality.md
     },
 )

@@ -750,6 +750,10 @@ def validate(config: KDRunConfig) -> None:
                      f"--micro-batch-size ({train.micro_batch_size}) x data-parallel size ({dp})")
     errors += _check(train.train_iters > 0, f"--train-iters must be positive, got {train.train_iters}")
     errors += _check(train.lr >= 0, f"--lr must be non-negative, got {train.lr}")
+    decay_iters = train.lr_decay_iters or train.train_iters
+    errors += _check(train.lr_warmup_iters == 0 or train.lr_warmup_iters < decay_iters,
+                     f"--lr-warmup-iters={train.lr_warmup_iters} must be smaller than "
+                     f"--lr-decay-iters (default --train-iters) = {decay_iters}")
     errors += _check(train.log_interval > 0, "--log-interval must be positive")
 
     errors += _check(0.0 <= kd.loss_weight <= 1.0,

@@ -43,6 +43,7 @@ def _with(*extra):
          "--num-layers-per-virtual-pipeline-stage"),
         (_with("--kd-topk-renormalize"), 1, "--kd-topk"),
         (BASE[:-2], 1, "--vocab-size"),
+        (_with("--lr-warmup-iters", "3"), 1, "--lr-warmup-iters"),
     ],
 )
 def test_bad_flags_name_the_flag(argv, world_size, flag):
