@@ -9,16 +9,11 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import queue as queue_module
-import socket
 import time
 import traceback
 from typing import Any, Callable, List
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from megakd.runtime.launcher import free_local_port
 
 
 def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
@@ -43,7 +38,7 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = free_port()
+    port = free_local_port()
     procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args))
              for r in range(world_size)]
     for proc in procs:

@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import platform
-import socket
 import sys
 import tempfile
 import time
@@ -50,6 +49,8 @@ import torch.distributed as dist  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from megakd.runtime.launcher import free_local_port  # noqa: E402
+from megakd.runtime.machine import cpu_model  # noqa: E402
 from megakd.losses import (  # noqa: E402
     teacher_topk,
     topk_bytes_per_token,
@@ -190,28 +191,14 @@ def _worker(rank: int, tp: int, port: int, tokens: int, vocab: int, repeats: int
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_config(tokens: int, vocab: int, tp: int, repeats: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(tp, _free_port(), tokens, vocab, repeats, threads, out),
+        mp.start_processes(_worker, args=(tp, free_local_port(), tokens, vocab, repeats, threads, out),
                            nprocs=tp, join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
 
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:
@@ -226,7 +213,7 @@ def main() -> None:
                         help="torch threads per rank (1: stable timings on a shared machine)")
     args = parser.parse_args()
 
-    print(f"machine: {_cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, "
           f"python {platform.python_version()}, {args.threads} thread(s) per rank")
     print("top-k bytes/token (k={}): bf16 {}, fp8 {}  (dense fp32 logits row: {} per rank)".format(
         TOPK, topk_bytes_per_token(TOPK, torch.bfloat16),

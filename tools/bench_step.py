@@ -41,7 +41,6 @@ import json
 import os
 import platform
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -54,6 +53,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from megakd.runtime.launcher import free_local_port  # noqa: E402
+from megakd.runtime.machine import cpu_model  # noqa: E402
 
 import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
@@ -373,17 +375,12 @@ def _worker(local_rank: int, world: int, port: int, sizes: Sizes, args: argparse
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
 
 def run_benchmark(sizes: Sizes, args: argparse.Namespace) -> List[List[dict]]:
     """Launch ``tp * pp`` ranks; returns each rank's list of per-step records."""
     world = sizes.tp * sizes.pp
     with tempfile.TemporaryDirectory() as tmp:
-        mp.start_processes(_worker, args=(world, _free_port(), sizes, args, tmp), nprocs=world,
+        mp.start_processes(_worker, args=(world, free_local_port(), sizes, args, tmp), nprocs=world,
                            join=True, start_method="spawn")
         return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
 
@@ -472,15 +469,6 @@ def summarize(per_rank: List[List[dict]], sizes: Sizes, args: argparse.Namespace
 
 
 # -------------------------------------------------------------------------------- report
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
 
 def machine_line(device: str) -> str:
     import megatron.core
@@ -492,7 +480,7 @@ def machine_line(device: str) -> str:
         mem = f", {kib / 2**20:.0f} GiB"
     except (OSError, ValueError, IndexError):
         pass
-    return (f"{_cpu_model()}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores{mem}{gpu}; torch {torch.__version__}, "
             f"Python {platform.python_version()}, megatron-core {megatron.core.__version__}")
 
 

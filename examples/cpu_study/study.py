@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -100,16 +99,11 @@ class RunResult:
     seconds: float = 0.0
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def single_rank_env() -> None:
     """A torch.distributed environment for one rank in this process (no launcher)."""
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    from megakd.runtime.launcher import set_single_process_env
+
+    set_single_process_env()
 
 
 class Study:

@@ -28,6 +28,7 @@ from typing import List, Optional
 
 from megakd.arguments import ConfigError, DataConfig, KDRunConfig
 from megakd.cache.records import RecordLayout, token_fingerprint
+from megakd.fsutil import write_text_atomic
 
 FORMAT = "megakd-teacher-topk"
 VERSION = 1
@@ -43,12 +44,7 @@ _TEACHER_FILES = ("megakd_model.json", "metadata.json", ".metadata", "common.pt"
 
 def write_json_atomic(path: str, payload: dict) -> None:
     """Write ``payload`` to ``path`` via ``path.tmp`` + fsync + rename: all or nothing."""
-    with open(path + ".tmp", "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def _sha256_json(payload) -> str:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import sys
 from typing import Callable, Iterator, List
 
@@ -14,6 +13,7 @@ import torch
 
 from megakd.arguments import ModelArchConfig, ParallelConfig
 from megakd.convert import ConversionError
+from megakd.runtime.launcher import set_single_process_env
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HF_DTYPE_NAMES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
@@ -35,13 +35,7 @@ def single_rank_runtime() -> None:
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise ConversionError("the converters run as one process (do not launch them with "
                               "torchrun/srun on several ranks)")
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"),
-                        ("LOCAL_WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(name, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    set_single_process_env(overwrite=False)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     initialize(device="cpu", seed=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -91,3 +92,24 @@ def discover(env: Optional[Mapping[str, str]] = None) -> LaunchInfo:
 
 def discover_world_size(env: Optional[Mapping[str, str]] = None) -> int:
     return discover(env).world_size
+
+
+def free_local_port() -> int:
+    """A TCP port free on this host right now (for a rendezvous started in this process)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def set_single_process_env(overwrite: bool = True) -> None:
+    """torchrun's environment for a one-rank world in this process (tools that run without a
+    launcher). With ``overwrite=False`` variables already set are kept."""
+    values = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                  MASTER_ADDR="127.0.0.1")
+    if overwrite or "MASTER_PORT" not in os.environ:
+        values["MASTER_PORT"] = str(free_local_port())
+    for name, value in values.items():
+        if overwrite:
+            os.environ[name] = value
+        else:
+            os.environ.setdefault(name, value)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from megakd.fsutil import fsync_dir
+from megakd.fsutil import fsync_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from megakd.training.setup import TrainingState
@@ -60,12 +60,8 @@ def read_tracker(root: str) -> Optional[str]:
 
 def write_tracker(root: str, iteration: Optional[int]) -> None:
     """Atomically point the tracker at ``checkpoint_name(iteration)`` (rank 0 only)."""
-    path = os.path.join(root, TRACKER_FILENAME)
-    with open(path + ".tmp", "w") as handle:
-        handle.write(RELEASE if iteration is None else str(iteration))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(path + ".tmp", path)
+    write_text_atomic(os.path.join(root, TRACKER_FILENAME),
+                      RELEASE if iteration is None else str(iteration))
 
 
 def resolve_checkpoint_dir(path: str, flag: str = "--load") -> str:
