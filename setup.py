@@ -27,7 +27,7 @@ setup(
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],  # --wandb-project
         "modelopt": ["nvidia-modelopt"],
-        "test": ["pytest"],
+        "test": ["pytest", "import-linter"],  # import-linter: the layering contract (.importlinter)
         "study": ["matplotlib"],  # examples/cpu_study (make study): the plot in docs/quality.md
     },
 )

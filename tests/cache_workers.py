@@ -13,8 +13,9 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from megakd.arguments import ConfigError, KDRunConfig, parse_args
-from tests.e2e_workers import _init
+from megakd.configs import ConfigError, KDRunConfig
+from megakd.preflight import parse_pretrain_args
+from tests.dist_harness import init_layout
 
 SEQ, GBS, ITERS, SAMPLES_PER_SHARD = 16, 8, 3, 4  # 24 samples -> 6 shards
 TOPK = ("--kd-topk", "8", "--kd-topk-dtype", "bf16")
@@ -36,27 +37,29 @@ def base_argv(tp: int, pp: int, mbs: int, extra: Sequence[str] = ()) -> List[str
 
 
 def _config(tp: int, pp: int, mbs: int, extra: Sequence[str] = ()) -> KDRunConfig:
-    return parse_args(base_argv(tp, pp, mbs, extra), world_size=int(os.environ["WORLD_SIZE"]))
+    return parse_pretrain_args(base_argv(tp, pp, mbs, extra),
+                               world_size=int(os.environ["WORLD_SIZE"]))
 
 
 def _train(config: KDRunConfig) -> List[Dict[str, float]]:
+    from megakd.distill import CachedTeacher
+    from megakd.training import setup
     from megakd.training.loop import train_step
-    from megakd.training.setup import setup
 
-    state = setup(config, _init(config))
-    assert state.teacher is None or not config.checkpoint.teacher_cache
+    state = setup(config, init_layout(config))
+    assert not config.checkpoint.teacher_cache or isinstance(state.teacher, CachedTeacher)
     return [train_step(state).losses for _ in range(ITERS)]
 
 
 def _precompute(workdir: str, cache: str, tp: int, pp: int, mbs: int) -> dict:
-    from megakd.cache.precompute import PrecomputeConfig, parse_precompute_args, precompute
+    from megakd.distill.precompute import precompute
+    from megakd.preflight import parse_precompute_args
 
     argv = ["--teacher-cache", cache, "--cache-samples-per-shard", str(SAMPLES_PER_SHARD),
             "--cache-microbatches-per-pass", "2",
             *base_argv(tp, pp, mbs, ["--teacher-load", f"{workdir}/init_teacher"])]
-    config, options = parse_precompute_args(argv, world_size=int(os.environ["WORLD_SIZE"]))
-    assert isinstance(options, PrecomputeConfig)
-    summary = precompute(config, options, _init(config), log=lambda line: None)
+    config = parse_precompute_args(argv, world_size=int(os.environ["WORLD_SIZE"]))
+    summary = precompute(config, init_layout(config).device, log=lambda line: None)
     return {"written": summary.shards_written, "skipped": summary.shards_skipped,
             "bytes_per_token": summary.bytes_per_token, "tokens": summary.tokens_written}
 
@@ -94,24 +97,27 @@ def _corrupt(source: str, target: str) -> None:
 
 def _refusal(config_fn) -> str:
     """Setup of a run that must be refused; the error message (every rank raises it)."""
-    from megakd.training.setup import setup
+    from megakd.training import setup
 
     try:
         config = config_fn()
-        setup(config, _init(config))
+        setup(config, init_layout(config))
     except (ConfigError, RuntimeError) as error:
         return str(error)
     return "not refused"
 
 
 def world4_worker(rank: int, workdir: str) -> Dict[str, object]:
-    from megakd.training.checkpointing import save_model_weights
-    from megakd.training.setup import setup
+    from megakd.formats.checkpoints import save_model_weights
+    from megakd.formats.model_metadata import model_metadata
+    from megakd.training import setup
 
     init = _config(2, 2, 2)
-    state = setup(init, _init(init))
+    state = setup(init, init_layout(init))
     save_model_weights(state.student, f"{workdir}/init_student")
-    save_model_weights(state.teacher, f"{workdir}/init_teacher")
+    # with its megakd_model.json: the precompute takes the teacher's architecture from it
+    save_model_weights(state.teacher.chunks, f"{workdir}/init_teacher",
+                       model_metadata(init.teacher, state.vocab.padded))
     del state
     load_student = ["--load", f"{workdir}/init_student"]
     online = ["--teacher-load", f"{workdir}/init_teacher", *load_student]

@@ -83,24 +83,18 @@ def convert_worker(rank: int, jobs: Sequence[Tuple[str, dict]]) -> List[dict]:
 
 
 def _setup(tp: int, pp: int, extra: Sequence[str]):
-    from megatron.core import parallel_state
-
-    from megakd.arguments import parse_args
-    from megakd.runtime import initialize
-    from megakd.training.setup import setup
+    from megakd.preflight import parse_pretrain_args
+    from megakd.training import setup
+    from tests.dist_harness import init_layout
 
     world = int(os.environ["WORLD_SIZE"])
-    config = parse_args([
+    config = parse_pretrain_args([
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--seq-length", str(SEQ), "--micro-batch-size", str(MBS), "--global-batch-size", str(GBS),
         "--train-iters", "1", "--lr", "0", "--mock-data", "--make-vocab-size-divisible-by", "16",
         "--kd-loss", "fkl", "--kd-loss-weight", "1", "--device", "cpu", *extra,
     ], world_size=world)
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    runtime = initialize(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                         device="cpu", seed=3)
-    return setup(config, runtime)
+    return setup(config, init_layout(config))
 
 
 def _all_microbatches(state):
@@ -158,7 +152,7 @@ def layouts_worker(rank: int, cases: Sequence[Tuple[str, str, int, Sequence[Tupl
             losses = reduce_reported(state.step.run(microbatches, forward_only=True),
                                      parallel_state.get_data_parallel_group())
             student = _full_logits(state.student, microbatches)
-            teacher = _full_logits(state.teacher, microbatches)
+            teacher = _full_logits(state.teacher.chunks, microbatches)
             if student is None:
                 continue
             reference = _hf_logits(hf_dir, microbatches)
@@ -201,10 +195,4 @@ def mixed_width_worker(rank: int, teacher: Tuple[str, str], student: Tuple[str, 
         return None
     return {"losses": losses, "reference_kd": _reference_fkl(teacher[1], student[1],
                                                                _all_microbatches(state), valid),
-            "grad_norm": grad_norm, "padded": state.padded_vocab_size}
-
-
-def run_tasks(rank: int, tasks: Sequence[Tuple[str, tuple]]) -> Dict[str, object]:
-    workers = {"layouts": layouts_worker, "mixed_width": mixed_width_worker,
-               "convert": convert_worker}
-    return {name: workers[name](rank, *args) for name, args in tasks}
+            "grad_norm": grad_norm, "padded": state.vocab.padded}

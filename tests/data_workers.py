@@ -13,6 +13,8 @@ from typing import Dict, List, Sequence
 
 import torch
 
+from tests.dist_harness import init_layout
+
 WORDS = ("alpha beta gamma delta river stone cloud paper green fast slow bright quiet market "
          "garden teacher student model data token light heavy north south winter summer "
          "number letter window door table").split()
@@ -65,7 +67,7 @@ def make_corpus(workdir: str, seed: int = 0) -> Dict[str, str]:
 
 
 def make_config(tp: int, pp: int, world_size: int, extra: Sequence[str]):
-    from megakd.arguments import parse_args
+    from megakd.preflight import parse_pretrain_args
 
     argv = [
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
@@ -78,20 +80,7 @@ def make_config(tp: int, pp: int, world_size: int, extra: Sequence[str]):
         "--make-vocab-size-divisible-by", "16", "--kd-loss-weight", "0.5", "--device", "cpu",
         "--log-interval", "1", *extra,
     ]
-    return parse_args(argv, world_size=world_size)
-
-
-def _init(config):
-    from megatron.core import parallel_state
-
-    from megakd.runtime import initialize
-
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    par = config.parallel
-    return initialize(tensor_model_parallel_size=par.tensor_model_parallel_size,
-                      pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-                      device="cpu", seed=config.training.seed)
+    return parse_pretrain_args(argv, world_size=world_size)
 
 
 def train_worker(rank: int, tp: int, pp: int, iters: int, extra: Sequence[str]) -> dict:
@@ -99,11 +88,11 @@ def train_worker(rank: int, tp: int, pp: int, iters: int, extra: Sequence[str]) 
     from megatron.core import parallel_state
 
     from megakd.data import iteration_microbatches
+    from megakd.training import setup
     from megakd.training.loop import train_step
-    from megakd.training.setup import setup
 
     config = make_config(tp, pp, int(os.environ["WORLD_SIZE"]), extra)
-    state = setup(config, _init(config))
+    state = setup(config, init_layout(config))
     first = iteration_microbatches(state.train_dataset, 0, 8, 2,
                                    parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size(),
@@ -117,7 +106,7 @@ def train_worker(rank: int, tp: int, pp: int, iters: int, extra: Sequence[str]) 
 def packing_worker(rank: int, chat_path: str, tokenizer_path: str) -> Dict[str, float]:
     """TP=1: logits of conversations packed into one sample equal their logits alone, for
     learned absolute positions and RoPE, with each local attention backend."""
-    from megakd.arguments import pad_vocab_size
+    from megakd.configs import pad_vocab_size
     from megakd.data.batches import _collate
     from megakd.data.chat_format import ChatKeys, read_conversations
     from megakd.data.chat_template import tokenize_conversation
@@ -149,7 +138,7 @@ def packing_worker(rank: int, chat_path: str, tokenizer_path: str) -> Dict[str, 
                                   "--dataset-format", "chat",
                                   "--position-embedding-type", position,
                                   "--attention-backend", backend])
-            _init(config)
+            init_layout(config)
             padded = pad_vocab_size(tokenizer.vocab_size, 16, 1)
             model = build_student(config.student, config.parallel, padded, SEQ,
                                   attention_backend=backend)[0].eval()
@@ -164,11 +153,3 @@ def packing_worker(rank: int, chat_path: str, tokenizer_path: str) -> Dict[str, 
                 start += n
             diffs[f"{position}/{backend}"] = worst
     return diffs
-
-
-_TASKS = {"train": train_worker, "packing": packing_worker}
-
-
-def run_tasks(rank: int, tasks) -> Dict[str, object]:
-    """Several worker bodies in one launch (each world size is started only once)."""
-    return {name: _TASKS[kind](rank, *args) for name, (kind, args) in tasks}

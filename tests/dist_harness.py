@@ -1,7 +1,11 @@
-"""Launch a function on N real processes (gloo on CPU) and collect each rank's result.
+"""The one multi-rank harness of the test suite: launch N real processes (gloo on CPU) once,
+run a list of :class:`Task` s in each, and collect every rank's results.
 
 Each worker gets torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), so
-megakd's own launcher discovery runs exactly as under torchrun.
+megakd's own launcher discovery runs exactly as under torchrun. A task is a module-level
+function ``fn(rank, *args)`` (spawned processes import it by name); tasks run in order in the
+same processes, so a world size is started once per test module. :func:`init_layout` (re)builds
+megatron's parallel groups for a config inside the running process group.
 """
 
 from __future__ import annotations
@@ -11,12 +15,26 @@ import os
 import queue as queue_module
 import time
 import traceback
-from typing import Any, Callable, List
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Sequence
 
 from megakd.runtime.launcher import free_local_port
 
 
-def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args: tuple) -> None:
+@dataclass(frozen=True)
+class Task:
+    """``fn(rank, *args)`` run on every rank; its result is reported under ``label``."""
+
+    label: str
+    fn: Callable
+    args: tuple = ()
+
+
+def _run_tasks(rank: int, tasks: Sequence[Task]) -> Dict[str, Any]:
+    return {task.label: task.fn(rank, *task.args) for task in tasks}
+
+
+def _worker(rank: int, world_size: int, port: int, queue, tasks: Sequence[Task]) -> None:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -26,20 +44,21 @@ def _worker(fn: Callable, rank: int, world_size: int, port: int, queue, args: tu
 
     warnings.filterwarnings("ignore")
     try:
-        queue.put((rank, "ok", fn(rank, *args)))
+        queue.put((rank, "ok", _run_tasks(rank, tasks)))
     except BaseException:  # report every failure to the parent, with its traceback
         queue.put((rank, "error", traceback.format_exc()))
 
 
-def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 900) -> List[Any]:
-    """Run ``fn(rank, *args)`` on ``world_size`` processes; returns results ordered by rank.
+def run_tasks(world_size: int, tasks: Sequence[Task], timeout: float = 900
+              ) -> List[Dict[str, Any]]:
+    """Run ``tasks`` in order on ``world_size`` processes; per rank ``{label: result}``.
 
     Raises AssertionError with the worker's traceback if any rank fails.
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_local_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, queue, args))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, queue, list(tasks)))
              for r in range(world_size)]
     for proc in procs:
         proc.start()
@@ -68,3 +87,23 @@ def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 
                 proc.kill()
     assert not errors, "\n".join(errors)
     return [results[r] for r in range(world_size)]
+
+
+def run_distributed(world_size: int, fn: Callable, *args: Any, timeout: float = 900) -> List[Any]:
+    """One task: ``fn(rank, *args)`` on ``world_size`` processes; its result per rank."""
+    per_rank = run_tasks(world_size, [Task("result", fn, args)], timeout=timeout)
+    return [results["result"] for results in per_rank]
+
+
+def init_layout(config):
+    """(Re)build megatron's parallel groups for ``config``'s layout (TP, PP, VPP of the
+    student, or of the teacher in teacher-only configs) inside the running process group."""
+    from megatron.core import parallel_state
+
+    from megakd.runtime import initialize_for
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    model = getattr(config, "student", None) or config.teacher
+    seed = config.training.seed if hasattr(config, "training") else 1234
+    return initialize_for(config.parallel, config.runtime, seed, model.num_layers)

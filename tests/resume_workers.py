@@ -16,7 +16,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from tests.e2e_workers import _init, make_config
+from megakd.configs import ConfigError
+from tests.dist_harness import init_layout
+from tests.e2e_workers import make_config
 
 ITERS = 6
 SCHEDULE = ["--train-iters", str(ITERS), "--lr-decay-iters", str(ITERS),
@@ -45,31 +47,23 @@ def _rng_draws() -> List[float]:
     return draws
 
 
-def _hook_train_step(rank: int, sigterm_rank: int, sigterm_at: Optional[int]) -> None:
-    """Wrap the loop's ``train_step``: consume RNG after each iteration and, at iteration
-    ``sigterm_at``, send SIGTERM to this process on rank ``sigterm_rank`` only."""
-    from megakd.training import loop
-
-    original = getattr(loop.train_step, "__wrapped__", loop.train_step)
-
-    def hooked(state, *args, **kwargs):
-        record = original(state, *args, **kwargs)
+def _after_step_hook(rank: int, sigterm_rank: int, sigterm_at: Optional[int]):
+    """An after-step hook: consume RNG after each iteration and, at iteration ``sigterm_at``,
+    send SIGTERM to this process on rank ``sigterm_rank`` only."""
+    def hook(state, record) -> None:
         _consume_rng(rank)
         if state.iteration == sigterm_at and rank == sigterm_rank:
             os.kill(os.getpid(), signal.SIGTERM)
-        return record
 
-    hooked.__wrapped__ = original
-    loop.train_step = hooked
+    return hook
 
 
 def run(rank: int, tp: int, pp: int, flags: Sequence[str], sigterm_at: Optional[int] = None,
         teacher_dir: Optional[str] = None, save_teacher: bool = False) -> Dict[str, object]:
     """Set up (restoring ``--load``), train with ``megakd.training.loop.train`` and report the
     per-iteration losses and learning rates, this rank's final parameters and RNG draws."""
-    from megakd.training.checkpointing import save_model_weights
-    from megakd.training.loop import train
-    from megakd.training.setup import setup
+    from megakd.formats.checkpoints import save_model_weights
+    from megakd.training import TrainingHooks, setup, train
 
     world = int(os.environ["WORLD_SIZE"])
     extra = [*SCHEDULE, *flags]
@@ -77,12 +71,13 @@ def run(rank: int, tp: int, pp: int, flags: Sequence[str], sigterm_at: Optional[
         extra += ["--teacher-load", teacher_dir]
     config = make_config(tp, pp, world, extra)
     logs: List[str] = []
-    state = setup(config, _init(config), log=logs.append)
+    state = setup(config, init_layout(config), log=logs.append)
     if save_teacher:
-        save_model_weights(state.teacher, teacher_dir)
+        save_model_weights(state.teacher.chunks, teacher_dir)
     start = (state.iteration, state.consumed_samples)
-    _hook_train_step(rank, sigterm_rank=1, sigterm_at=sigterm_at)
-    history = train(state, log=logs.append)
+    hooks = TrainingHooks(after_step=[_after_step_hook(rank, sigterm_rank=1,
+                                                       sigterm_at=sigterm_at)])
+    history = train(state, log=logs.append, hooks=hooks)
     params = torch.cat([p.detach().flatten().clone() for chunk in state.student
                         for p in chunk.parameters()])
     return {
@@ -106,7 +101,7 @@ def interrupted_checkpoints(rank: int, source: str, root: str,
     tracker naming an incomplete directory must be refused with a clear error."""
     import shutil
 
-    from megakd.training.checkpointing import checkpoint_name, write_tracker
+    from megakd.formats.checkpoints import checkpoint_name, write_tracker
 
     world = int(os.environ["WORLD_SIZE"])
     good = os.path.join(root, checkpoint_name(ITERS))
@@ -125,13 +120,14 @@ def interrupted_checkpoints(rank: int, source: str, root: str,
     if rank == 0:
         write_tracker(root, ITERS + 6)
     torch.distributed.barrier()
-    config = make_config(2, 2, world, [*SCHEDULE, "--load", root, "--teacher-load", teacher_dir])
-    from megakd.training.setup import setup
+    from megakd.training import setup
 
-    try:
-        setup(config, _init(config))
+    try:  # refused by the preflight (before process groups), or at the latest by setup
+        config = make_config(2, 2, world, [*SCHEDULE, "--load", root,
+                                           "--teacher-load", teacher_dir])
+        setup(config, init_layout(config))
         refused = None
-    except FileNotFoundError as error:
+    except ConfigError as error:
         refused = str(error)
     return {"resumed": result, "listing": after_save, "refused": refused}
 
@@ -143,22 +139,13 @@ def exit_duration(rank: int, teacher_dir: str) -> Dict[str, object]:
 
 
 def refused(rank: int, tp: int, pp: int, flags: Sequence[str], teacher_dir: str) -> str:
-    """The message of the ValueError that ``setup`` raises for these flags ("" if none)."""
-    from megakd.training.setup import setup
+    """The message of the ConfigError that ``setup`` raises for these flags ("" if none)."""
+    from megakd.training import setup
 
     world = int(os.environ["WORLD_SIZE"])
     config = make_config(tp, pp, world, [*SCHEDULE, "--teacher-load", teacher_dir, *flags])
     try:
-        setup(config, _init(config))
-    except ValueError as error:
+        setup(config, init_layout(config))
+    except ConfigError as error:
         return str(error)
     return ""
-
-
-_TASKS = {"run": run, "interrupted": interrupted_checkpoints, "exit_duration": exit_duration,
-          "refused": refused}
-
-
-def run_tasks(rank: int, tasks: Sequence[tuple]) -> Dict[str, object]:
-    """Run ``(label, task, args)`` in order in one launch; results keyed by label."""
-    return {label: _TASKS[task](rank, *args) for label, task, args in tasks}

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-from megakd.arguments import ConfigError, parse_args
+from megakd.configs import ConfigError
+from megakd.preflight import parse_pretrain_args as parse_args
 from megakd.runtime.launcher import discover, first_host
 
 BASE = [

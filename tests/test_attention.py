@@ -79,13 +79,15 @@ def _config(heads: int, groups: int, hidden: int, kv_channels: int, dtype: torch
 
 
 def _init(tp: int):
-    from megatron.core import parallel_state
+    from megakd.configs import ParallelConfig, RuntimeConfig
+    from megakd.runtime import initialize_for
 
-    from megakd.runtime import initialize
+    from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    initialize(tensor_model_parallel_size=tp, device="cpu", seed=1234)
+    initialize_for(ParallelConfig(tensor_model_parallel_size=tp), RuntimeConfig(device="cpu"),
+                   seed=1234, num_layers=2)
 
 
 def _pair(config, layer_number: int = 1, softmax_scale: Optional[float] = None,
@@ -234,7 +236,7 @@ def _gpt(backend: str, tp: int, kv_channels: Optional[int]):
     """A 2-layer GQA GPTModel (RMSNorm, SwiGLU, RoPE) built from seed 1234."""
     from megatron.core.models.gpt import GPTModel
 
-    from megakd.arguments import ModelArchConfig, ParallelConfig
+    from megakd.configs import ModelArchConfig, ParallelConfig
     from megakd.models.builder import _layer_spec, transformer_config_from_arch
     from megakd.runtime import set_seed
 
@@ -362,9 +364,10 @@ def _argv(*extra: str) -> List[str]:
 def test_flag_selects_core_attention(backend):
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
-    from megakd.arguments import parse_args
     from megakd.models.attention import SDPADotProductAttention
     from megakd.models.builder import _layer_spec
+
+    from megakd.preflight import parse_pretrain_args as parse_args
 
     config = parse_args(_argv("--attention-backend", backend), world_size=1)
     assert config.runtime.attention_backend == backend
@@ -374,7 +377,9 @@ def test_flag_selects_core_attention(backend):
 
 
 def test_flag_default_and_validation():
-    from megakd.arguments import ConfigError, parse_args, validate
+    from megakd.configs import ConfigError
+    from megakd.preflight import check_pretrain_config as validate
+    from megakd.preflight import parse_pretrain_args as parse_args
     from megakd.models.builder import _layer_spec
 
     config = parse_args(_argv(), world_size=1)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from tests import convert_workers
-from tests.dist_harness import run_distributed
+from tests.dist_harness import Task, run_distributed, run_tasks
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 VOCAB = 100
@@ -54,7 +54,7 @@ def world1(workdir, hf_dirs):
     for name, divisible in (("teacher", 16), ("student", 8)):  # widths 112 and 104
         jobs.append(("to_megakd", dict(hf_dir=hf_dirs[name], output=f"{workdir}/mk_{name}",
                                        dtype="fp32", make_vocab_size_divisible_by=divisible)))
-    return run_distributed(1, convert_workers.run_tasks, [("convert", (jobs,))])[0]["convert"]
+    return run_distributed(1, convert_workers.convert_worker, jobs)[0]
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +62,12 @@ def world4(workdir, hf_dirs, world1):
     cases = [(f"{workdir}/mk_llama", hf_dirs["llama"], VOCAB, [(2, 1), (1, 2), (2, 2)]),
              (f"{workdir}/mk_qwen3", hf_dirs["qwen3"], VOCAB, [(2, 2)])]
     tasks = [
-        ("layouts", (cases,)),
-        ("mixed_width", ((f"{workdir}/mk_teacher", hf_dirs["teacher"]),
-                         (f"{workdir}/mk_student", hf_dirs["student"]), VOCAB, 112, 2)),
+        Task("layouts", convert_workers.layouts_worker, (cases,)),
+        Task("mixed_width", convert_workers.mixed_width_worker,
+             ((f"{workdir}/mk_teacher", hf_dirs["teacher"]),
+              (f"{workdir}/mk_student", hf_dirs["student"]), VOCAB, 112, 2)),
     ]
-    return run_distributed(4, convert_workers.run_tasks, tasks)
+    return run_tasks(4, tasks)
 
 
 # ---- conversion ------------------------------------------------------------------------------
@@ -193,7 +194,8 @@ def _args(*extra):
 
 
 def test_architecture_comes_from_metadata_and_flags_must_agree(workdir, world1):
-    from megakd.arguments import ConfigError, parse_args
+    from megakd.configs import ConfigError
+    from megakd.preflight import parse_pretrain_args as parse_args
 
     config = parse_args(_args("--load", f"{workdir}/mk_qwen3", "--teacher-load",
                               f"{workdir}/mk_llama", "--num-layers", "2"), world_size=1)
@@ -214,7 +216,8 @@ def test_architecture_comes_from_metadata_and_flags_must_agree(workdir, world1):
 
 
 def test_tokenizer_mismatch_is_refused(workdir, world1):
-    from megakd.arguments import ConfigError, parse_args
+    from megakd.configs import ConfigError
+    from megakd.preflight import parse_pretrain_args as parse_args
 
     paths = {}
     for name, sha in (("tok_a", "a" * 64), ("tok_a2", "a" * 64), ("tok_b", "b" * 64)):
@@ -235,7 +238,7 @@ def test_tokenizer_mismatch_is_refused(workdir, world1):
 
 
 def test_tokenizer_identity():
-    from megakd.models.metadata import same_tokenizer, tokenizer_identity
+    from megakd.formats.model_metadata import same_tokenizer, tokenizer_identity
 
     class Vocab:
         def __init__(self, tokens, special=(0,)):

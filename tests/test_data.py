@@ -15,13 +15,14 @@ import numpy
 import pytest
 import torch
 
-from megakd.arguments import ConfigError, DataConfig, parse_args
+from megakd.configs import ConfigError, DataConfig
 from megakd.data import build_gpt_datasets, iteration_microbatches, kd_loss_mask
 from megakd.data.chat_format import ChatFormatError, ChatKeys, read_conversations
 from megakd.data.chat_template import tokenize_conversation
 from megakd.data.tokenizers import load_tokenizer
 from tests import data_workers
-from tests.dist_harness import run_distributed
+from megakd.preflight import parse_pretrain_args as parse_args
+from tests.dist_harness import Task, run_tasks
 
 SEQ = data_workers.SEQ
 
@@ -61,14 +62,15 @@ def world4(corpus):
     indexed = _data_flags(corpus, "--data-path", "0.6", corpus["text_a_prefix"], "0.4",
                           corpus["text_b_prefix"], "--split", "95,5,0",
                           "--data-cache-path", os.path.join(corpus["workdir"], "cache"))
+    train = data_workers.train_worker
     tasks = [
-        ("indexed", ("train", (2, 2, 8, indexed))),
-        ("chat", ("train", (2, 2, 8, chat))),
-        ("chat_packed_on_prompt", ("train", (2, 2, 4, chat + ["--pack-sequences",
-                                                               "--kd-on-prompt"]))),
-        ("packing", ("packing", (corpus["chat"], corpus["tokenizer"]))),
+        Task("indexed", train, (2, 2, 8, indexed)),
+        Task("chat", train, (2, 2, 8, chat)),
+        Task("chat_packed_on_prompt", train, (2, 2, 4, chat + ["--pack-sequences",
+                                                               "--kd-on-prompt"])),
+        Task("packing", data_workers.packing_worker, (corpus["chat"], corpus["tokenizer"])),
     ]
-    return run_distributed(4, data_workers.run_tasks, tasks)
+    return run_tasks(4, tasks)
 
 
 # ----------------------------------------------------------------------------------------------

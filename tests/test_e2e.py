@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from tests import e2e_workers
-from tests.dist_harness import run_distributed
+from tests.dist_harness import Task, run_tasks
 
 ATOL = 2e-5
 PURE_KD = ("--kd-loss-weight", "1", "--kd-temperature", "1")
@@ -27,35 +27,37 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world1(workdir):
-    tasks = [("layouts", ([(1, 1)], workdir, True)), ("self_distill", (workdir, 1, 1)),
-             ("pretrained", (workdir,))]
-    return run_distributed(1, e2e_workers.run_tasks, tasks)[0]
+    tasks = [Task("layouts", e2e_workers.layouts_worker, ([(1, 1)], workdir, True)),
+             Task("self_distill", e2e_workers.self_distill_worker, (workdir, 1, 1)),
+             Task("pretrained", e2e_workers.pretrained_worker, (workdir,))]
+    return run_tasks(1, tasks)[0]
 
 
 @pytest.fixture(scope="module")
 def world2(workdir, world1):
-    tasks = [("layouts", ([(2, 1), (1, 2)], workdir, False))]
-    return run_distributed(2, e2e_workers.run_tasks, tasks)
+    tasks = [Task("layouts", e2e_workers.layouts_worker, ([(2, 1), (1, 2)], workdir, False))]
+    return run_tasks(2, tasks)
 
 
 @pytest.fixture(scope="module")
 def world4(workdir, world1):
+    w = e2e_workers
     tasks = [
-        ("layouts", ([(2, 2), (2, 1)], workdir, False)),  # TP2xPP2 (DP1), then TP2 x DP2
-        ("self_distill", (workdir, 2, 2)),
-        ("training", (workdir, 2, 1, 6, PURE_KD)),  # TP2 x DP2, six steps
-        ("objectives", (workdir, 2, 2, 3)),  # every --kd-loss, dense and top-k, TP2 x PP2
-        ("variants", (workdir, 3)),  # VPP, distributed optimizer, sequence parallel, bf16
+        Task("layouts", w.layouts_worker, ([(2, 2), (2, 1)], workdir, False)),  # TP2xPP2, TP2xDP2
+        Task("self_distill", w.self_distill_worker, (workdir, 2, 2)),
+        Task("training", w.training_worker, (workdir, 2, 1, 6, PURE_KD)),  # TP2 x DP2, six steps
+        Task("objectives", w.objectives_worker, (workdir, 2, 2, 3)),  # every --kd-loss, TP2xPP2
+        Task("variants", w.variants_worker, (workdir, 3)),  # VPP, dist-opt, SP, bf16
     ]
-    return run_distributed(4, e2e_workers.run_tasks, tasks)
+    return run_tasks(4, tasks)
 
 
 @pytest.fixture(scope="module")
 def weight_diffs(workdir, world2, world4):
     names = ["after_tp1pp1dp1", "after_tp2pp1dp1", "after_tp1pp2dp1", "after_tp2pp2dp1",
              "after_tp2pp1dp2"]
-    return run_distributed(1, e2e_workers.run_tasks, [("compare_weights", (workdir, names))])[0][
-        "compare_weights"]
+    task = Task("compare_weights", e2e_workers.compare_weights_worker, (workdir, names))
+    return run_tasks(1, [task])[0]["compare_weights"]
 
 
 def _reference(world1):

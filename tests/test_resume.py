@@ -22,15 +22,11 @@ import os
 import numpy as np
 import pytest
 
-from megakd.arguments import ConfigError
-from megakd.training.checkpointing import (
-    MODEL_METADATA_FILENAME,
-    checkpoint_name,
-    read_model_metadata,
-    read_tracker,
-)
+from megakd.configs import ConfigError
+from megakd.formats.checkpoints import checkpoint_name, read_tracker
+from megakd.formats.model_metadata import MODEL_METADATA_FILENAME, read_model_metadata
 from tests import e2e_workers, resume_workers
-from tests.dist_harness import run_distributed
+from tests.dist_harness import Task, run_tasks
 
 ITERS = resume_workers.ITERS
 LAST = -1  # the last rank sits on the last pipeline stage and reports the losses
@@ -47,7 +43,7 @@ def world4(workdir):
     d, teacher = workdir, f"{workdir}/teacher"
 
     def run(label, tp, pp, flags, sigterm_at=None, save_teacher=False):
-        return (label, "run", (tp, pp, flags, sigterm_at, teacher, save_teacher))
+        return Task(label, resume_workers.run, (tp, pp, flags, sigterm_at, teacher, save_teacher))
 
     distributed = ["--use-distributed-optimizer"]
     tasks = [
@@ -58,9 +54,10 @@ def world4(workdir):
         run("dist_exit", 2, 1, [*distributed, "--save", f"{d}/dist", "--exit-interval", "3"]),
         run("dist_resumed", 2, 1, [*distributed, "--load", f"{d}/dist", "--save", f"{d}/dist"]),
         run("to_dp2", 2, 1, ["--load", f"{d}/full/{checkpoint_name(3)}"]),
-        ("interrupted", "interrupted", (f"{d}/full", f"{d}/interrupted", teacher)),
+        Task("interrupted", resume_workers.interrupted_checkpoints,
+             (f"{d}/full", f"{d}/interrupted", teacher)),
     ]
-    return run_distributed(4, resume_workers.run_tasks, tasks)
+    return run_tasks(4, tasks)
 
 
 @pytest.fixture(scope="module")
@@ -70,19 +67,20 @@ def world2(workdir, world4):
     teacher, dist3 = f"{workdir}/teacher", f"{workdir}/dist_full/{checkpoint_name(3)}"
     distributed = ["--use-distributed-optimizer"]
     full, full3 = f"{workdir}/full", f"{workdir}/full/{checkpoint_name(3)}"
+    w = resume_workers
     tasks = [
-        ("dist_to_dp1", "run", (2, 1, [*distributed, "--load", dist3], None, teacher)),
-        ("finetune", "run", (2, 1, ["--load", full, "--finetune", "--train-iters", "1"], None,
-                             teacher)),
-        ("no_load_optim", "run", (2, 1, ["--load", full3, "--no-load-optim", "--train-iters", "4"],
-                                  None, teacher)),
-        ("tp_change", "refused", (1, 2, [*distributed, "--load", dist3], teacher)),
-        ("optimizer_kind", "refused", (2, 1, ["--load", dist3], teacher)),
-        ("schedule", "refused", (2, 1, [*distributed, "--load", dist3,
-                                        "--global-batch-size", "16"], teacher)),
-        ("exit_duration", "exit_duration", (teacher,)),
+        Task("dist_to_dp1", w.run, (2, 1, [*distributed, "--load", dist3], None, teacher)),
+        Task("finetune", w.run, (2, 1, ["--load", full, "--finetune", "--train-iters", "1"], None,
+                                 teacher)),
+        Task("no_load_optim", w.run, (2, 1, ["--load", full3, "--no-load-optim",
+                                             "--train-iters", "4"], None, teacher)),
+        Task("tp_change", w.refused, (1, 2, [*distributed, "--load", dist3], teacher)),
+        Task("optimizer_kind", w.refused, (2, 1, ["--load", dist3], teacher)),
+        Task("schedule", w.refused, (2, 1, [*distributed, "--load", dist3,
+                                            "--global-batch-size", "16"], teacher)),
+        Task("exit_duration", w.exit_duration, (teacher,)),
     ]
-    return run_distributed(2, resume_workers.run_tasks, tasks)
+    return run_tasks(2, tasks)
 
 
 def _curve(result, name="lm loss"):

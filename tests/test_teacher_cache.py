@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from megakd.arguments import ConfigError, parse_args
-from megakd.cache import (
+from megakd.configs import ConfigError
+from megakd.formats.cache import (
     CacheCorruptionError,
     CacheManifest,
     RecordLayout,
@@ -26,7 +26,8 @@ from megakd.cache import (
     pack_ids,
     unpack_ids,
 )
-from megakd.cache.manifest import check_run_identity
+from megakd.formats.cache.manifest import check_run_identity
+from megakd.preflight import parse_pretrain_args as parse_args
 from tests import cache_workers
 from tests.dist_harness import run_distributed
 

@@ -16,12 +16,11 @@ import types
 
 import pytest
 
-from megakd.arguments import ConfigError, KDConfig
-from megakd.distill.step import combined_loss
+from megakd.configs import ConfigError, KDConfig
 from megakd.training import observability
 from megakd.training.evaluation import format_validation, validation_scalars
 from tests import validation_workers
-from tests.dist_harness import run_distributed
+from tests.dist_harness import Task, run_tasks
 from tests.e2e_workers import make_config
 
 EVAL_FLAGS = validation_workers.EVAL_FLAGS
@@ -36,13 +35,14 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def world1(workdir):
+    w = validation_workers
     tasks = [
-        ("save", "save_init", (workdir,)),
-        ("initial", "initial_validation", (workdir, 1, 1)),
-        ("independent_ce", "independent_teacher_ce", (workdir,)),
-        ("lm_only", "train", (workdir, 1, 1, (*EVAL_FLAGS, "--kd-loss-weight", "0"))),
+        Task("save", w.save_init_worker, (workdir,)),
+        Task("initial", w.initial_validation_worker, (workdir, 1, 1)),
+        Task("independent_ce", w.independent_teacher_ce_worker, (workdir,)),
+        Task("lm_only", w.train_worker, (workdir, 1, 1, (*EVAL_FLAGS, "--kd-loss-weight", "0"))),
     ]
-    return run_distributed(1, validation_workers.run_tasks, tasks)[0]
+    return run_tasks(1, tasks)[0]
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +52,13 @@ def world4(workdir, world1):
     with_eval = (*EVAL_FLAGS, *OBSERVE_FLAGS, "--tensorboard-dir", f"{workdir}/tb")
     without_eval = ("--train-iters", "4", "--log-interval", "1", *OBSERVE_FLAGS,
                     "--tensorboard-dir", f"{workdir}/tb_no_eval")
+    w = validation_workers
     tasks = [
-        ("initial", "initial_validation", (workdir, 2, 2)),
-        ("with_eval", "train", (workdir, 2, 2, with_eval)),
-        ("without_eval", "train", (workdir, 2, 2, without_eval)),
+        Task("initial", w.initial_validation_worker, (workdir, 2, 2)),
+        Task("with_eval", w.train_worker, (workdir, 2, 2, with_eval)),
+        Task("without_eval", w.train_worker, (workdir, 2, 2, without_eval)),
     ]
-    return run_distributed(4, validation_workers.run_tasks, tasks)
+    return run_tasks(4, tasks)
 
 
 def _lines(logged):
@@ -201,6 +202,11 @@ def test_format_validation_is_megatron_style():
     assert text == "\n".join(["-" * (len(line) + 1), line, "-" * (len(line) + 1)])
     assert validation_scalars({"lm loss": 1.0}, "teacher ") == pytest.approx(
         {"teacher lm loss validation": 1.0, "teacher lm loss validation ppl": math.e})
+
+
+def combined_loss(kd: KDConfig, means):
+    """The logged "total loss": ``KDConfig.objective`` of the reported token means."""
+    return kd.objective(means.get("lm loss"), means.get("kd loss"))
 
 
 def test_combined_loss_follows_kd_weight_and_temperature_scaling():

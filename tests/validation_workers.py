@@ -7,11 +7,12 @@ loads the same initial weights, written by :func:`save_init_worker` at world siz
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence
 
 import torch
 
-from tests.e2e_workers import GBS, MBS, _init, make_config
+from tests.dist_harness import init_layout
+from tests.e2e_workers import GBS, MBS, make_config
 
 # Four iterations, validating after iteration 2 and at the end; two global batches each.
 EVAL_FLAGS = ("--train-iters", "4", "--eval-interval", "2", "--eval-iters", "2",
@@ -26,21 +27,21 @@ def _config(workdir: str, tp: int, pp: int, extra: Sequence[str]):
 
 
 def _setup(workdir: str, tp: int, pp: int, extra: Sequence[str]):
-    from megakd.training.setup import setup
+    from megakd.training import setup
 
     config = _config(workdir, tp, pp, extra)
-    return setup(config, _init(config), log=lambda line: None)
+    return setup(config, init_layout(config), log=lambda line: None)
 
 
 def save_init_worker(rank: int, workdir: str) -> None:
     """The shared initial student and teacher weights (world size 1)."""
-    from megakd.training.checkpointing import save_model_weights
-    from megakd.training.setup import setup
+    from megakd.formats.checkpoints import save_model_weights
+    from megakd.training import setup
 
     config = make_config(1, 1, 1)
-    state = setup(config, _init(config), log=lambda line: None)
+    state = setup(config, init_layout(config), log=lambda line: None)
     save_model_weights(state.student, f"{workdir}/init_student")
-    save_model_weights(state.teacher, f"{workdir}/init_teacher")
+    save_model_weights(state.teacher.chunks, f"{workdir}/init_teacher")
 
 
 def initial_validation_worker(rank: int, workdir: str, tp: int, pp: int) -> Dict[str, dict]:
@@ -57,13 +58,13 @@ def independent_teacher_ce_worker(rank: int, workdir: str) -> float:
     from megakd.data import iteration_microbatches
 
     state = _setup(workdir, 1, 1, EVAL_FLAGS)
-    (teacher,) = state.teacher
+    (teacher,) = state.teacher.chunks
     ce_sum, tokens = 0.0, 0.0
     with torch.no_grad():
         for eval_iter in range(EVAL_ITERS):
             for batch in iteration_microbatches(state.valid_dataset, eval_iter * GBS, GBS, MBS,
                                                 0, 1, torch.device("cpu")):
-                logits = teacher(batch.tokens, batch.position_ids, None)[..., :state.valid_vocab_size]
+                logits = teacher(batch.tokens, batch.position_ids, None)[..., :state.vocab.valid]
                 ce = torch.nn.functional.cross_entropy(
                     logits.double().flatten(0, 1), batch.labels.flatten(), reduction="none")
                 ce_sum += (ce * batch.loss_mask.flatten().double()).sum().item()
@@ -74,7 +75,7 @@ def independent_teacher_ce_worker(rank: int, workdir: str) -> float:
 def train_worker(rank: int, workdir: str, tp: int, pp: int,
                  extra: Sequence[str]) -> Dict[str, object]:
     """``train()`` with the given flags; its log lines, per-iteration record and validations."""
-    from megakd.training.loop import train
+    from megakd.training import train
 
     state = _setup(workdir, tp, pp, extra)
     lines: List[str] = []
@@ -85,16 +86,3 @@ def train_worker(rank: int, workdir: str, tp: int, pp: int,
         "grad_norms": [r.grad_norm for r in history.records],
         "validations": [(v.iteration, v.model, v.losses) for v in history.validations],
     }
-
-
-_TASKS = {
-    "save_init": save_init_worker,
-    "initial_validation": initial_validation_worker,
-    "independent_teacher_ce": independent_teacher_ce_worker,
-    "train": train_worker,
-}
-
-
-def run_tasks(rank: int, tasks: Sequence[Tuple[str, str, tuple]]) -> Dict[str, object]:
-    """Run several named worker bodies in one launch: ``(result key, worker, args)``."""
-    return {key: _TASKS[worker](rank, *args) for key, worker, args in tasks}

@@ -307,18 +307,18 @@ def _worker(local_rank: int, world: int, port: int, sizes: Sizes, args: argparse
 
     from megatron.core import parallel_state
 
-    from megakd.arguments import parse_args
     from megakd.data import iteration_microbatches
-    from megakd.distill import DistillationLoss, TeacherRunner
-    from megakd.runtime import initialize
+    from megakd.distill import DistillationLoss, LiveTeacher
+    from megakd.preflight import parse_pretrain_args
+    from megakd.runtime import initialize_for
+    from megakd.training import setup
     from megakd.training.loop import train_step
-    from megakd.training.setup import setup
 
-    configs = {v: parse_args(run_argv(sizes, v, args, world), world_size=world) for v in VARIANTS}
+    configs = {v: parse_pretrain_args(run_argv(sizes, v, args, world), world_size=world)
+               for v in VARIANTS}
     base = configs["KD dense"]
-    runtime = initialize(tensor_model_parallel_size=sizes.tp,
-                         pipeline_model_parallel_size=sizes.pp, device=args.device,
-                         seed=base.training.seed)
+    runtime = initialize_for(base.parallel, base.runtime, base.training.seed,
+                             base.student.num_layers)
     cuda = runtime.device.type == "cuda"
     meter = StepMeter(Clock(cuda))
     barrier = install_comm_meter(meter)
@@ -328,11 +328,11 @@ def _worker(local_rank: int, world: int, port: int, sizes: Sizes, args: argparse
 
     losses, runners = {}, {}
     for variant, config in configs.items():
-        losses[variant] = TimedLoss(DistillationLoss(config.kd, state.valid_vocab_size, tp_group),
+        losses[variant] = TimedLoss(DistillationLoss(config.kd, state.vocab.valid, tp_group),
                                     meter)
         if variant != "SFT":
-            runners[variant] = TeacherRunner(state.step.teacher.chunks, config.kd,
-                                             state.valid_vocab_size, sizes.seq, sizes.mbs)
+            runners[variant] = LiveTeacher(state.teacher.chunks, config.kd, state.vocab.valid,
+                                           sizes.seq, sizes.mbs)
             time_topk_selection(runners[variant], meter)
 
     def one_step(variant: str) -> None:
@@ -343,7 +343,7 @@ def _worker(local_rank: int, world: int, port: int, sizes: Sizes, args: argparse
                 parallel_state.get_data_parallel_world_size(), runtime.device)
             with_timer = timers("teacher-forward", log_level=1)
             with_timer.start()
-            runners[variant].run(microbatches)
+            runners[variant].outputs(microbatches)
             with_timer.stop()
             return
         state.step.loss = losses[variant]

@@ -39,11 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from megakd.convert.common import run_converter_cli
+    from megakd.convert import VerificationError
     from megakd.convert.hf_to_megakd import HFToMegakdOptions, convert_hf_to_megakd
+    from megakd.preflight import run_tool
 
-    args = build_parser().parse_args(argv)
-    return run_converter_cli("convert_hf_to_megakd.py", convert_hf_to_megakd, HFToMegakdOptions(**vars(args)))
+    options = HFToMegakdOptions(**vars(build_parser().parse_args(argv)))
+
+    def convert() -> None:
+        convert_hf_to_megakd(options, log=lambda line: print(line, flush=True))
+
+    return run_tool("convert_hf_to_megakd.py", convert, failures={VerificationError: 1})
 
 
 if __name__ == "__main__":

@@ -45,11 +45,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from megakd.convert.common import run_converter_cli
+    from megakd.convert import VerificationError
     from megakd.convert.megakd_to_hf import MegakdToHFOptions, convert_megakd_to_hf
+    from megakd.preflight import run_tool
 
-    args = build_parser().parse_args(argv)
-    return run_converter_cli("convert_megakd_to_hf.py", convert_megakd_to_hf, MegakdToHFOptions(**vars(args)))
+    options = MegakdToHFOptions(**vars(build_parser().parse_args(argv)))
+
+    def convert() -> None:
+        convert_megakd_to_hf(options, log=lambda line: print(line, flush=True))
+
+    return run_tool("convert_megakd_to_hf.py", convert, failures={VerificationError: 1})
 
 
 if __name__ == "__main__":

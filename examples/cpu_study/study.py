@@ -180,7 +180,7 @@ class Study:
 
     def train(self, argv: List[str]):
         """One in-process megakd run at world size 1; returns its TrainingHistory."""
-        from megakd.arguments import parse_args
+        from megakd.preflight import parse_pretrain_args as parse_args
         from megakd.training import pretrain_kd
 
         single_rank_env()
@@ -189,7 +189,7 @@ class Study:
 
     def train_teacher(self, reuse: bool = False) -> Dict[str, float]:
         """Train and save the teacher (``reuse``: keep one already saved); its held-out CE."""
-        from megakd.training.checkpointing import read_tracker
+        from megakd.formats.checkpoints import read_tracker
 
         c = self.cfg
         if reuse and read_tracker(self.teacher_dir) is not None:
@@ -210,10 +210,10 @@ class Study:
 
     def save_init(self, seed: int) -> str:
         """The student's initial weights for ``seed`` (iteration-0 checkpoint, with metadata)."""
-        from megakd.arguments import parse_args
+        from megakd.preflight import parse_pretrain_args as parse_args
         from megakd.runtime import destroy, initialize
+        from megakd.training import setup
         from megakd.training.checkpointing import save_checkpoint
-        from megakd.training.setup import setup
 
         root = os.path.join(self.out, f"init_seed{seed}")
         config = parse_args([*self.student_flags(seed), "--train-iters", "1", "--lr", "1e-3",
@@ -247,10 +247,10 @@ class Study:
     def evaluate(self, checkpoint: str, teacher: bool = True) -> Dict[str, float]:
         """Forward-only on the fixed held-out windows: the model's CE and, with ``teacher``,
         fkl = KL(teacher || model) (``--kd-loss fkl``, T = 1, dense)."""
-        from megakd.arguments import parse_args
+        from megakd.preflight import parse_pretrain_args as parse_args
         from megakd.runtime import destroy, initialize
+        from megakd.training import setup
         from megakd.training.evaluation import Validator
-        from megakd.training.setup import setup
 
         c = self.cfg
         kd = (["--teacher-load", self.teacher_dir, "--kd-loss", "fkl", "--kd-loss-weight", "1"]

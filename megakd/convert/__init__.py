@@ -6,34 +6,9 @@ Entry points: :func:`megakd.convert.hf_to_megakd.convert_hf_to_megakd`,
 wrappers). Details: docs/conversion.md.
 """
 
-from megakd.convert import llama, mistral, qwen2, qwen3
+from megakd.convert.errors import ConversionError, VerificationError
+from megakd.convert.families import FAMILIES, family_by_name, family_for_model_type
 from megakd.convert.family import ModelFamily
 
-FAMILIES = {family.name: family for family in
-            (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
-
-
-class ConversionError(ValueError):
-    """Input that cannot be converted; the message names the file, flag or config field."""
-
-
-class VerificationError(ConversionError):
-    """``--verify`` found logits further apart than the tolerance (nothing was written)."""
-
-
-def family_by_name(name: str) -> ModelFamily:
-    if name not in FAMILIES:
-        raise ConversionError(f"--model-family {name!r} is not supported; supported: "
-                              f"{', '.join(sorted(FAMILIES))}")
-    return FAMILIES[name]
-
-
-def family_for_model_type(model_type: str, source: str) -> ModelFamily:
-    for family in FAMILIES.values():
-        if family.model_type == model_type:
-            return family
-    raise ConversionError(f"{source}: model_type {model_type!r} is not supported; supported: "
-                          f"{', '.join(sorted(f.model_type for f in FAMILIES.values()))}")
-
-
-__all__ = ["FAMILIES", "ConversionError", "ModelFamily", "VerificationError", "family_by_name", "family_for_model_type"]
+__all__ = ["FAMILIES", "ConversionError", "ModelFamily", "VerificationError", "family_by_name",
+           "family_for_model_type"]

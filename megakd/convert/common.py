@@ -7,12 +7,14 @@ import contextlib
 import os
 import shutil
 import sys
-from typing import Callable, Iterator, List
+from typing import Iterator, List
 
 import torch
 
-from megakd.arguments import ModelArchConfig, ParallelConfig
-from megakd.convert import ConversionError
+from megakd.configs import ModelArchConfig, ParallelConfig
+from megakd.convert.errors import ConversionError
+from megakd.models import build_gpt_chunks
+from megakd.runtime import initialize
 from megakd.runtime.launcher import set_single_process_env
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -30,8 +32,6 @@ def single_rank_runtime() -> None:
     running single-process group (tests), refuses to run under a multi-rank launcher."""
     from megatron.core import parallel_state
 
-    from megakd.runtime import initialize
-
     if torch.distributed.is_initialized() and torch.distributed.get_world_size() != 1:
         raise ConversionError("the converters run as one process (do not launch them with "
                               "torchrun/srun on several ranks)")
@@ -45,8 +45,6 @@ def build_tp1_model(arch: ModelArchConfig, padded_vocab_size: int, dtype: torch.
                     ) -> torch.nn.Module:
     """One uninitialised megatron ``GPTModel`` (local spec, megatron's own attention) at
     TP=1/PP=1 in ``dtype``: the converters fill it or load into it."""
-    from megakd.models import build_gpt_chunks
-
     (model,) = build_gpt_chunks(arch, ParallelConfig(), padded_vocab_size, 4096,
                                 attention_backend="unfused", params_dtype=dtype,
                                 perform_initialization=False)
@@ -84,19 +82,3 @@ def copy_tokenizer_files(source: str, destination: str) -> List[str]:
     for name in found:
         shutil.copy2(os.path.join(source, name), os.path.join(destination, name))
     return found
-
-
-def run_converter_cli(program: str, convert: Callable[..., None], options: object) -> int:
-    """Run a converter for its command-line tool: exit status 0 done, 1 ``--verify`` failed,
-    2 bad input (a :class:`ConversionError`); messages go to stderr prefixed with ``program``."""
-    from megakd.convert import VerificationError
-
-    try:
-        convert(options, log=lambda line: print(line, flush=True))
-    except VerificationError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return 1
-    except ConversionError as error:
-        print(f"{program}: error: {error}", file=sys.stderr)
-        return 2
-    return 0

@@ -1,4 +1,4 @@
-"""HuggingFace ``config.json`` <-> :class:`~megakd.arguments.ModelArchConfig`.
+"""HuggingFace ``config.json`` <-> :class:`~megakd.configs.ModelArchConfig`.
 
 Reads both the classic keys (``rope_theta``, ``rope_scaling``) and transformers 5's
 ``rope_parameters``. Everything megatron's ``GPTModel`` cannot express is refused with a
@@ -11,8 +11,9 @@ import json
 import os
 from typing import Optional
 
-from megakd.arguments import ModelArchConfig
-from megakd.convert import ConversionError, family_for_model_type
+from megakd.configs import ModelArchConfig
+from megakd.convert.errors import ConversionError
+from megakd.convert.families import family_for_model_type
 from megakd.convert.family import ModelFamily
 
 # megatron-core's RotaryEmbedding._apply_scaling fixes these (Llama 3.1/3.2/3.3 values).

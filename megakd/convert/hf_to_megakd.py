@@ -17,8 +17,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megakd.arguments import ModelArchConfig, pad_vocab_size
-from megakd.convert import ConversionError, VerificationError
+from megakd.configs import ModelArchConfig, pad_vocab_size
+from megakd.convert.errors import ConversionError, VerificationError
 from megakd.convert.common import (DTYPES, HF_DTYPE_NAMES, TOKENIZER_DIRNAME, build_tp1_model,
                                    check_output_free, copy_tokenizer_files, single_rank_runtime,
                                    staged_output)
@@ -27,6 +27,8 @@ from megakd.convert.hf_config import arch_from_hf_config, family_of, read_hf_con
 from megakd.convert.safetensors_io import SafetensorsReader
 from megakd.convert.tensors import hf_to_megatron
 from megakd.convert.verify import DEFAULT_TOLERANCE, max_logit_difference
+from megakd.formats.checkpoints import checkpoint_name, save_model_weights, write_tracker
+from megakd.formats.model_metadata import hf_tokenizer_identity, model_metadata
 
 # HF tensors that hold no weights megatron needs (recomputed buffers).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -144,8 +146,6 @@ def fill_megatron_model(model: torch.nn.Module, plan: HFToMegakdPlan) -> None:
 
 
 def tokenizer_identity_of_dir(hf_dir: str, log: Callable[[str], None]) -> Optional[dict]:
-    from megakd.models.metadata import hf_tokenizer_identity
-
     try:
         return hf_tokenizer_identity(hf_dir)
     except Exception as error:  # no or unreadable tokenizer files: identity unknown
@@ -157,9 +157,6 @@ def convert_hf_to_megakd(options: HFToMegakdOptions, log: Callable[[str], None] 
                          ) -> Dict[str, object]:
     """Convert; returns ``{"max_logit_diff": float or None, "padded_vocab_size": int, ...}``.
     Raises ConversionError (nothing written) on bad input or a failed ``--verify``."""
-    from megakd.models.metadata import model_metadata
-    from megakd.training.checkpointing import checkpoint_name, save_model_weights, write_tracker
-
     plan = plan_hf_to_megakd(options)
     arch = plan.arch
     has_tokenizer = any(os.path.isfile(os.path.join(options.hf_dir, name))

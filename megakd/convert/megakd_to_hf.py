@@ -17,8 +17,9 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from megakd.arguments import ModelArchConfig
-from megakd.convert import ConversionError, VerificationError, family_by_name
+from megakd.configs import ModelArchConfig
+from megakd.convert.errors import ConversionError, VerificationError
+from megakd.convert.families import family_by_name
 from megakd.convert.common import (DTYPES, HF_DTYPES, TOKENIZER_DIRNAME, build_tp1_model,
                                    check_output_free, copy_tokenizer_files, single_rank_runtime,
                                    staged_output)
@@ -29,6 +30,8 @@ from megakd.convert.hf_to_megakd import expand_rules
 from megakd.convert.safetensors_io import ShardedSafetensorsWriter
 from megakd.convert.tensors import megatron_to_hf
 from megakd.convert.verify import DEFAULT_TOLERANCE, max_logit_difference
+from megakd.formats.checkpoints import load_model_weights, resolve_checkpoint_dir
+from megakd.formats.model_metadata import arch_from_metadata, read_model_metadata
 
 # Architecture fields that must agree with --hf-config-from (vocab rows and init std need not).
 _COMPARED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -92,13 +95,7 @@ def _check_against_config(arch: ModelArchConfig, config: dict, source: str) -> N
 
 
 def plan_megakd_to_hf(options: MegakdToHFOptions) -> MegakdToHFPlan:
-    from megakd.models.metadata import arch_from_metadata
-    from megakd.training.checkpointing import read_model_metadata, resolve_checkpoint_dir
-
-    try:
-        checkpoint_dir = resolve_checkpoint_dir(options.load, "--load")
-    except FileNotFoundError as error:
-        raise ConversionError(str(error)) from error
+    checkpoint_dir = resolve_checkpoint_dir(options.load, "--load")
     metadata = read_model_metadata(checkpoint_dir)
     if metadata is None:
         raise ConversionError(f"--load {options.load}: no megakd_model.json in {checkpoint_dir}, "
@@ -165,8 +162,6 @@ def convert_megakd_to_hf(options: MegakdToHFOptions, log: Callable[[str], None] 
                          ) -> Dict[str, object]:
     """Convert; returns ``{"max_logit_diff": float or None, "files": [...]}``. Raises
     ConversionError (nothing written) on bad input or a failed ``--verify``."""
-    from megakd.training.checkpointing import load_model_weights
-
     plan = plan_megakd_to_hf(options)
     single_rank_runtime()
     dtype = DTYPES[plan.dtype]

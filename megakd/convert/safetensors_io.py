@@ -14,6 +14,8 @@ from typing import Dict, List
 
 import torch
 
+from megakd.convert.errors import ConversionError
+
 INDEX_FILENAME = "model.safetensors.index.json"
 SINGLE_FILENAME = "model.safetensors"
 
@@ -22,8 +24,6 @@ class SafetensorsReader:
     """Tensor name -> file map of a HF model directory; :meth:`get` reads one tensor."""
 
     def __init__(self, directory: str) -> None:
-        from megakd.convert import ConversionError
-
         index_path = os.path.join(directory, INDEX_FILENAME)
         if os.path.isfile(index_path):
             with open(index_path) as handle:

@@ -1,16 +1,20 @@
-"""The microbatches one rank processes in one iteration.
+"""The microbatches one rank processes in one iteration, and where the loop gets them.
 
 Sample order follows Megatron-LM's pretraining sampler: the global batch of iteration ``i``
 holds samples ``[consumed, consumed + global_batch_size)``; within it, microbatch ``m`` of
 data-parallel rank ``r`` holds ``micro_batch_size`` samples starting at
 ``consumed + m * micro_batch_size * dp + r * micro_batch_size``. Position in the data is therefore
 fully described by the number of consumed samples, which is what a resumed run continues from.
+
+The training loop asks a :class:`MicrobatchSource` for each iteration's microbatches:
+:class:`DatasetMicrobatches` reads fixed data in that order; a source that mixes in the
+student's own generations (on-policy distillation) wraps it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Protocol
 
 import torch
 
@@ -31,12 +35,8 @@ class Microbatch:
     # (megatron's convention; None = plain causal attention)
     attention_mask: Optional[torch.Tensor] = None
     # [b] int64: each sample's index in its dataset (what consumed_samples counts; the key of
-    # an offline teacher cache, megakd/cache)
+    # an offline teacher cache, megakd/formats/cache)
     sample_ids: Optional[torch.Tensor] = None
-
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
 
 
 def kd_loss_mask(batch: Microbatch, on_prompt: bool) -> torch.Tensor:
@@ -84,3 +84,29 @@ def iteration_microbatches(
         microbatch.sample_ids = torch.tensor(sample_ids, dtype=torch.int64)
         microbatches.append(microbatch)
     return microbatches
+
+
+class MicrobatchSource(Protocol):
+    """What the training loop draws each iteration's microbatches from."""
+
+    def microbatches(self, consumed_samples: int) -> List[Microbatch]:
+        """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
+        ...
+
+
+class DatasetMicrobatches:
+    """Fixed data: this DP rank's share of each global batch of ``dataset``, in order."""
+
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int,
+                 data_parallel_rank: int, data_parallel_size: int, device: torch.device) -> None:
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.data_parallel_rank = data_parallel_rank
+        self.data_parallel_size = data_parallel_size
+        self.device = device
+
+    def microbatches(self, consumed_samples: int) -> List[Microbatch]:
+        return iteration_microbatches(self.dataset, consumed_samples, self.global_batch_size,
+                                      self.micro_batch_size, self.data_parallel_rank,
+                                      self.data_parallel_size, self.device)

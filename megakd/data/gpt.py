@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 from typing import Sequence, Tuple
 
-from megakd.arguments import DataConfig
-from megakd.data.sources import parse_blend
+from megakd.configs import DataConfig, parse_blend
+from megakd.data.chat_dataset import ChatDataset, ChatDatasetConfig
 from megakd.data.tokenizers import load_tokenizer
 
 
@@ -59,8 +59,6 @@ def build_gpt_datasets(
         config = GPTDatasetConfig(blend=None, blend_per_split=None, split="99,1,0",
                                   **_common_config(data, tokenizer, seed), **gpt_flags)
     elif data.dataset_format == "chat":
-        from megakd.data.chat_dataset import ChatDataset, ChatDatasetConfig
-
         dataset_class = ChatDataset
         config = ChatDatasetConfig(
             blend=parse_blend(data.data_path), split=data.split,

@@ -4,12 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-# --tokenizer-type -> megatron.core.tokenizers library name
-TOKENIZER_LIBRARIES = {
-    "NullTokenizer": "null",
-    "SentencePieceTokenizer": "sentencepiece",
-    "HuggingFaceTokenizer": "huggingface",
-}
+from megakd.configs.data import TOKENIZER_LIBRARIES
 
 
 def load_tokenizer(tokenizer_type: str, tokenizer_model: Optional[str] = None,

@@ -12,14 +12,15 @@ exact normalisation under gradient accumulation).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from megakd.arguments import KDConfig
+from megakd.configs import KDConfig
 from megakd.data import Microbatch, kd_loss_mask
+from megakd.distill.teachers import TeacherOutput
 from megakd.losses import (
-    TeacherTopK,
+    make_divergence,
     topk_divergence,
     vocab_parallel_cross_entropy,
     vocab_parallel_divergence,
@@ -34,7 +35,8 @@ class GlobalTokenCounts:
     kd_tokens: float
 
 
-def count_global_tokens(microbatches, kd: KDConfig, dp_group) -> GlobalTokenCounts:
+def count_global_tokens(microbatches: Sequence[Microbatch], kd: KDConfig,
+                        dp_group) -> GlobalTokenCounts:
     """All-reduce this rank's mask sums over the data-parallel group (two scalars)."""
     counts = torch.zeros(2, dtype=torch.float64)
     for batch in microbatches:
@@ -50,34 +52,24 @@ class DistillationLoss:
 
     def __init__(self, kd: KDConfig, valid_vocab_size: int, tp_group) -> None:
         self.kd = kd
+        self.divergence_unit = make_divergence(kd.loss, kd.divergence_params)
         self.valid_vocab_size = valid_vocab_size
         self.tp_group = tp_group
 
-    @property
-    def uses_teacher(self) -> bool:
-        return self.kd.loss_weight > 0
-
-    def divergence(self, student_logits: torch.Tensor, teacher) -> torch.Tensor:
+    def divergence(self, student_logits: torch.Tensor, teacher: TeacherOutput) -> torch.Tensor:
         """Per-token KD divergence ``[b, s]`` (vocab-parallel; never gathers the vocab)."""
-        kd = self.kd
-        common = dict(
-            temperature=kd.temperature,
-            skew_alpha=kd.skew_alpha,
-            jsd_beta=kd.jsd_beta,
-            akl_mu=kd.akl_mu,
-            valid_vocab_size=self.valid_vocab_size,
-            tp_group=self.tp_group,
-        )
-        if isinstance(teacher, TeacherTopK):
-            return topk_divergence(
-                student_logits, teacher, kd.loss, renormalize=kd.topk_renormalize, **common
-            )
-        return vocab_parallel_divergence(student_logits, teacher, kd.loss, **common)
+        common = dict(temperature=self.kd.temperature, valid_vocab_size=self.valid_vocab_size,
+                      tp_group=self.tp_group)
+        if teacher.topk is not None:
+            return topk_divergence(student_logits, teacher.topk, self.divergence_unit,
+                                   renormalize=self.kd.topk_renormalize, **common)
+        return vocab_parallel_divergence(student_logits, teacher.logits, self.divergence_unit,
+                                         **common)
 
     def __call__(
         self,
         batch: Microbatch,
-        teacher_output,
+        teacher_output: Optional[TeacherOutput],
         counts: GlobalTokenCounts,
         student_logits: torch.Tensor,
     ) -> Tuple[torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]:
@@ -89,11 +81,10 @@ class DistillationLoss:
 
         # KD first: megatron's own CE works in place on fp32 logits (DESIGN.md); ours does not,
         # but keeping this order makes the loss safe with either.
-        if self.uses_teacher:
+        if teacher_output is not None:
             kd_mask = kd_loss_mask(batch, self.kd.on_prompt).float()
             kd_sum = (self.divergence(student_logits, teacher_output) * kd_mask).sum()
-            scale = self.kd.temperature ** 2 if self.kd.temperature_scaling else 1.0
-            total = total + weight * scale * kd_sum / max(counts.kd_tokens, 1.0)
+            total = total + weight * self.kd.kd_scale * kd_sum / max(counts.kd_tokens, 1.0)
             reported["kd loss"] = torch.stack([kd_sum.detach(), kd_mask.sum()])
 
         with torch.set_grad_enabled(torch.is_grad_enabled() and weight < 1.0):

@@ -1,4 +1,4 @@
-"""One distillation iteration: teacher forward-only pass, then the student's schedule."""
+"""One distillation iteration's forward and backward: teacher outputs, then the student."""
 
 from __future__ import annotations
 
@@ -8,25 +8,26 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from megakd.arguments import KDConfig
 from megakd.data import Microbatch
 from megakd.distill.loss import DistillationLoss, GlobalTokenCounts, count_global_tokens
-from megakd.distill.teacher import TeacherSource, microbatch_iterators, pipeline_sizes
+from megakd.distill.schedules import forward_backward_func, microbatch_iterators
+from megakd.distill.teachers import TeacherOutput, TeacherSource
 
 
 class DistillationStep:
     """Runs forward and backward for one iteration's microbatches on this rank.
 
-    The teacher (when the KD weight is > 0) runs first, forward-only; the student then runs
-    megatron-core's forward-backward schedule with :class:`DistillationLoss` on its last stage.
-    Gradients are left in the DDP buffers, finalized (DP all-reduce, token scaling) by
-    megatron-core's ``finalize_model_grads``; the optimizer step is the caller's.
+    The teacher source (when the KD weight is > 0) produces its outputs first (a live teacher
+    runs forward-only); the student then runs megatron-core's forward-backward schedule with
+    :class:`DistillationLoss` on its last stage. Gradients are left in the DDP buffers, finalized
+    (DP all-reduce, token scaling) by megatron-core's ``finalize_model_grads``; the optimizer
+    step is the caller's.
     """
 
     def __init__(
         self,
         student_chunks: List[torch.nn.Module],
-        teacher: Optional[TeacherSource],  # TeacherRunner, or a cache (--teacher-cache)
+        teacher: Optional[TeacherSource],
         loss: DistillationLoss,
         seq_length: int,
         micro_batch_size: int,
@@ -39,8 +40,9 @@ class DistillationStep:
         self.micro_batch_size = micro_batch_size
         self.dp_group = dp_group
 
-    def _student_forward_step(self, teacher_outputs, counts: GlobalTokenCounts,
-                              data_iterator: Iterator[Microbatch], model: torch.nn.Module):
+    def _student_forward_step(self, teacher_outputs: List[TeacherOutput],
+                              counts: GlobalTokenCounts, data_iterator: Iterator[Microbatch],
+                              model: torch.nn.Module):
         batch = next(data_iterator)
         # [b, s, V/tp] on the last stage; attention_mask is None unless sequences are packed
         logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
@@ -48,26 +50,22 @@ class DistillationStep:
         return logits, functools.partial(self.loss, batch, teacher_output, counts)
 
     def run(self, microbatches: Sequence[Microbatch], forward_only: bool = False,
-            timers=None) -> List[dict]:
+            timers=None) -> List[Dict[str, torch.Tensor]]:
         """Forward (and backward unless ``forward_only``) over the microbatches.
 
         Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch.
         ``timers`` (megatron-core ``Timers``) times ``teacher-forward`` and ``forward-backward``
         (the student's schedule, loss included).
         """
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         with _timed(timers, "teacher-forward"):
-            teacher_outputs = (
-                self.teacher.run(microbatches) if self.teacher is not None else []
-            )
+            teacher_outputs = self.teacher.outputs(microbatches) if self.teacher else []
         counts = count_global_tokens(microbatches, self.loss.kd, self.dp_group)
-        forward_backward = get_forward_backward_func(**pipeline_sizes(len(self.student_chunks)))
         step = functools.partial(self._student_forward_step, teacher_outputs, counts)
+        num_chunks = len(self.student_chunks)
         with torch.set_grad_enabled(not forward_only), _timed(timers, "forward-backward"):
-            return forward_backward(
+            return forward_backward_func(num_chunks)(
                 forward_step_func=step,
-                data_iterator=microbatch_iterators(microbatches, len(self.student_chunks)),
+                data_iterator=microbatch_iterators(microbatches, num_chunks),
                 model=self.student_chunks,
                 num_microbatches=len(microbatches),
                 seq_length=self.seq_length,
@@ -87,18 +85,6 @@ def _timed(timers, name: str):
         yield
     finally:
         timers(name, log_level=1).stop()
-
-
-def combined_loss(kd: KDConfig, means: Dict[str, float]) -> Optional[float]:
-    """The optimised objective ``(1 - w) * CE + w * KD`` (KD times T^2 with
-    ``--kd-temperature-scaling``) from reported token means; None off the last stage."""
-    if "lm loss" not in means:
-        return None
-    total = (1.0 - kd.loss_weight) * means["lm loss"]
-    if "kd loss" in means:
-        scale = kd.temperature ** 2 if kd.temperature_scaling else 1.0
-        total += kd.loss_weight * scale * means["kd loss"]
-    return total
 
 
 def reduce_reported(per_microbatch: List[Dict[str, torch.Tensor]], dp_group) -> Dict[str, float]:

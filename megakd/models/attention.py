@@ -36,7 +36,7 @@ attention and non-``vanilla`` ``softmax_type``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -178,21 +178,7 @@ class SDPADotProductAttention(MegatronModule):
             raise ValueError(f"{num_heads} query heads are not divisible into {num_groups} "
                              "key/value groups")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-
-        # SDPA takes a boolean mask with True = attend, the opposite of megatron's convention.
-        sdpa_mask: Optional[Tensor] = None
-        is_causal = False
-        if attention_mask is not None and mask_type != AttnMaskType.no_mask:
-            if attention_mask.dtype != torch.bool:
-                raise TypeError("attention_mask must be boolean (True = masked out), got "
-                                f"{attention_mask.dtype}")
-            sdpa_mask = ~attention_mask
-        elif mask_type in _CAUSAL_MASK_TYPES and sq > 1:
-            if sq == sk:
-                is_causal = True
-            else:  # queries are the last sq positions of the sk keys (e.g. a KV cache)
-                sdpa_mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(
-                    diagonal=sk - sq)
+        sdpa_mask, is_causal = _sdpa_mask(attention_mask, mask_type, sq, sk, query.device)
 
         # [s, b, heads, d] -> [b, heads, s, d] (views; SDPA accepts these strides)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -224,3 +210,20 @@ class SDPADotProductAttention(MegatronModule):
 
         # [b, np, sq, hv] -> [sq, b, np, hv] -> [sq, b, np·hv]
         return context.permute(2, 0, 1, 3).reshape(sq, b, num_heads * context.size(-1))
+
+
+def _sdpa_mask(attention_mask: Optional[Tensor], mask_type: AttnMaskType, sq: int, sk: int,
+               device: torch.device) -> Tuple[Optional[Tensor], bool]:
+    """(SDPA's boolean mask with True = attend, or None; is_causal) for megatron's mask
+    (True = masked out) and mask type."""
+    if attention_mask is not None and mask_type != AttnMaskType.no_mask:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError("attention_mask must be boolean (True = masked out), got "
+                            f"{attention_mask.dtype}")
+        return ~attention_mask, False
+    if mask_type in _CAUSAL_MASK_TYPES and sq > 1:
+        if sq == sk:
+            return None, True
+        # queries are the last sq positions of the sk keys (e.g. a KV cache)
+        return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq), False
+    return None, False

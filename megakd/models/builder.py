@@ -16,7 +16,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megakd.arguments import ATTENTION_BACKENDS, ModelArchConfig, ParallelConfig
+from megakd.configs import ATTENTION_BACKENDS, ModelArchConfig, ParallelConfig
+from megakd.models.attention import SDPADotProductAttention
 from megakd.models.norms import TorchNorm
 
 
@@ -66,7 +67,7 @@ def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: 
         ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads,
         num_query_groups=arch.num_query_groups,
-        kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
+        kv_channels=arch.head_dim,
         gated_linear_unit=arch.swiglu,
         activation_func=F.silu if arch.swiglu else F.gelu,
         normalization=arch.normalization,
@@ -122,8 +123,6 @@ def _layer_spec(arch: ModelArchConfig, attention_backend: str = "auto"):
         layer.self_attention.submodules.q_layernorm = TorchNorm
         layer.self_attention.submodules.k_layernorm = TorchNorm
     if attention_backend in ("auto", "sdpa"):
-        from megakd.models.attention import SDPADotProductAttention
-
         layer.self_attention.submodules.core_attention = SDPADotProductAttention
     return spec
 

@@ -7,18 +7,22 @@ builds megatron-core's TP/PP/VPP/DP groups with ``parallel_state`` and seeds eve
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from megakd.configs import BAD_INPUT_STATUS, ConfigError, ParallelConfig, RuntimeConfig
+from megakd.runtime import cpu_runtime, watchdog
 from megakd.runtime.launcher import LaunchInfo, discover
 
-__all__ = ["RuntimeInfo", "initialize", "destroy", "set_seed", "discover"]
+__all__ = ["RuntimeInfo", "destroy", "discover", "initialize", "initialize_for", "running",
+           "set_seed"]
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,10 @@ class RuntimeInfo:
     device: torch.device
     backend: str
 
-    @property
-    def on_cpu(self) -> bool:
-        return self.device.type == "cpu"
-
 
 def _select_device(requested: str, local_rank: int) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was given but no CUDA device is available")
+        raise ConfigError("--device cuda: no CUDA device is available (use --device cpu)")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank % torch.cuda.device_count())
@@ -67,8 +67,6 @@ def initialize(
     launch = discover()
     chosen = _select_device(device, launch.local_rank)
     if chosen.type == "cpu":
-        from megakd.runtime import cpu_runtime
-
         cpu_runtime.enable()
         # Ranks sharing a host share its cores: avoid oversubscribing them.
         cores = os.cpu_count() or 1
@@ -82,6 +80,7 @@ def initialize(
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
+    watchdog.start(launch.rank, launch.world_size)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -96,5 +95,34 @@ def destroy() -> None:
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
+    watchdog.stop()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def initialize_for(parallel: ParallelConfig, runtime: RuntimeConfig, seed: int,
+                   num_layers: int) -> RuntimeInfo:
+    """:func:`initialize` for a run's flags; ``num_layers`` of the model whose virtual pipeline
+    stages set megatron's global VPP size (the student's, or the teacher's in teacher-only
+    tools)."""
+    return initialize(
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(num_layers),
+        device=runtime.device, seed=seed, timeout_minutes=runtime.distributed_timeout_minutes)
+
+
+@contextlib.contextmanager
+def running(parallel: ParallelConfig, runtime: RuntimeConfig, seed: int,
+            num_layers: int) -> Iterator[RuntimeInfo]:
+    """Process groups for the block (:func:`initialize_for`), torn down after it. Bad input
+    found inside the block (a ConfigError) is first posted to the other ranks, which may be
+    waiting in a collective, so every rank ends with the same line."""
+    info = initialize_for(parallel, runtime, seed, num_layers)
+    try:
+        yield info
+    except ConfigError as error:
+        watchdog.abort_peers(str(error), BAD_INPUT_STATUS)
+        raise
+    finally:
+        destroy()

@@ -145,10 +145,3 @@ def enable() -> None:
 
     _active_mode = _CudaToCpuMode()
     _active_mode.__enter__()
-
-
-def is_enabled() -> bool:
-    """Whether :func:`enable` has run in this process."""
-    return _active_mode is not None
-
-

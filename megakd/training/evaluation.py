@@ -21,8 +21,8 @@ from typing import Dict, Iterator, List, Sequence
 import torch
 
 from megakd.data import Microbatch, iteration_microbatches
-from megakd.distill import reduce_reported
-from megakd.training.setup import TrainingState
+from megakd.distill import LiveTeacher, reduce_reported
+from megakd.training.state import TrainingState
 
 
 @dataclass
@@ -63,7 +63,8 @@ class Validator:
 
     @property
     def has_teacher(self) -> bool:
-        return self.state.step.teacher is not None
+        """A teacher model to compute the baseline with (not a cache: it holds no CE)."""
+        return isinstance(self.state.teacher, LiveTeacher)
 
     def due(self, iteration: int) -> bool:
         """Periodic validation after this iteration? (The last iteration is left to the
@@ -104,7 +105,7 @@ class Validator:
             return {}
         reported: List[dict] = []
         for eval_iter in range(self.eval_iters):
-            reported += self.state.step.teacher.cross_entropy(self._window(0, eval_iter))
+            reported += self.state.teacher.cross_entropy(self._window(0, eval_iter))
         return reduce_reported(reported, parallel_state.get_data_parallel_group())
 
 

@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from megakd.arguments import CheckpointConfig
+from megakd.configs import CheckpointConfig
 
 EXIT_INTERVAL = "exit interval"
 EXIT_DURATION = "exit duration"

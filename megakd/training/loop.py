@@ -1,18 +1,17 @@
-"""The training loop: iterations of (teacher pass, student forward-backward, optimizer step)."""
+"""The training loop: iterations of (microbatches, teacher outputs, student forward-backward,
+optimizer step), with hooks after each step, after each validation and before each save."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from megakd.arguments import LoggingConfig
-from megakd.data import iteration_microbatches
+from megakd.configs import LoggingConfig
 from megakd.distill import reduce_reported
-from megakd.distill.step import combined_loss
 from megakd.training.checkpointing import save_checkpoint
 from megakd.training.evaluation import (
     ValidationRecord,
@@ -30,7 +29,7 @@ from megakd.training.observability import (
     report_timers,
     tokens_per_second,
 )
-from megakd.training.setup import TrainingState
+from megakd.training.state import TrainingState
 
 
 @dataclass
@@ -53,6 +52,19 @@ class TrainingHistory:
     def first_last(self, name: str):
         values = [r.losses[name] for r in self.records if name in r.losses]
         return (values[0], values[-1]) if values else (None, None)
+
+
+@dataclass
+class TrainingHooks:
+    """Callbacks the loop runs on every rank: after each training iteration, after each
+    validation of the student, and right before each checkpoint save. Hooks may read and
+    change the state (e.g. a schedule that reacts to validation losses)."""
+
+    after_step: List[Callable[[TrainingState, IterationRecord], None]] = field(
+        default_factory=list)
+    after_validation: List[Callable[[TrainingState, ValidationRecord], None]] = field(
+        default_factory=list)
+    before_save: List[Callable[[TrainingState], None]] = field(default_factory=list)
 
 
 def format_log_line(record: IterationRecord, train_iters: int, global_batch_size: int,
@@ -86,16 +98,11 @@ def train_step(state: TrainingState, timers=None) -> IterationRecord:
     """
     from megatron.core import parallel_state
 
-    config = state.config
-    train = config.training
+    train = state.config.training
     timers = timers if timers is not None else build_timers(LoggingConfig())
     start = time.perf_counter()
     timers("batch-generator", log_level=1).start()
-    microbatches = iteration_microbatches(
-        state.train_dataset, state.consumed_samples, train.global_batch_size,
-        train.micro_batch_size, parallel_state.get_data_parallel_rank(),
-        parallel_state.get_data_parallel_world_size(), state.runtime.device,
-    )
+    microbatches = state.source.microbatches(state.consumed_samples)
     timers("batch-generator").stop()
     for chunk in state.student:
         chunk.zero_grad_buffer()
@@ -142,7 +149,8 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_to
     writers.add_scalars({
         "lm loss": record.losses.get("lm loss"),
         "kd loss": record.losses.get("kd loss"),
-        "total loss": combined_loss(config.kd, record.losses),
+        "total loss": config.kd.objective(record.losses.get("lm loss"),
+                                          record.losses.get("kd loss")),
         "learning-rate": record.learning_rate,
         "grad-norm": record.grad_norm,
         "tokens-per-sec": throughput,
@@ -152,18 +160,21 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_to
 
 
 def _validate(validator: Validator, title: str, history: TrainingHistory,
-              writers: MetricsWriters, log) -> None:
+              writers: MetricsWriters, hooks: TrainingHooks, log) -> None:
     """One validation of the student; printed and written on the logging rank, next to the
-    teacher's baseline (so both curves share a chart)."""
+    teacher's baseline (so both curves share a chart); then the after-validation hooks."""
     iteration = validator.state.iteration
     losses = validator.student_losses()
-    history.validations.append(ValidationRecord(iteration, "student", losses))
+    record = ValidationRecord(iteration, "student", losses)
+    history.validations.append(record)
     if is_logging_rank():
         log(format_validation(title, losses))
         writers.add_scalars(validation_scalars(losses), iteration)
         for baseline in (v for v in history.validations if v.model == "teacher"):
             writers.add_scalars(validation_scalars(baseline.losses, "teacher "), iteration)
         writers.flush()
+    for hook in hooks.after_validation:
+        hook(validator.state, record)
 
 
 def _validate_teacher(validator: Validator, history: TrainingHistory,
@@ -179,7 +190,7 @@ def _validate_teacher(validator: Validator, history: TrainingHistory,
 
 
 def checkpoint_and_check_exit(state: TrainingState, exits: ExitConditions,
-                              log=print) -> Optional[str]:
+                              hooks: Optional[TrainingHooks] = None, log=print) -> Optional[str]:
     """After an iteration: save when ``--save-interval``, the last iteration or an exit
     condition says so (needs ``--save``); returns the exit reason, the same on every rank."""
     ckpt = state.config.checkpoint
@@ -187,18 +198,22 @@ def checkpoint_and_check_exit(state: TrainingState, exits: ExitConditions,
     interval_due = ckpt.save_interval is not None and state.iteration % ckpt.save_interval == 0
     last = state.iteration >= state.config.training.train_iters
     if ckpt.save and (reason or interval_due or last):
+        for hook in (hooks.before_save if hooks else ()):
+            hook(state)
         save_checkpoint(state, ckpt.save, log=log)
     if reason and torch.distributed.get_rank() == 0:
         log(f"megakd: exiting at iteration {state.iteration} ({reason})")
     return reason
 
 
-def train(state: TrainingState, log=print) -> TrainingHistory:
+def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
+          ) -> TrainingHistory:
     """Run until ``--train-iters`` or an ``--exit-*`` condition, logging every
     ``--log-interval`` iterations and checkpointing as :func:`checkpoint_and_check_exit` says.
     With ``--eval-interval``: the teacher's validation baseline first, a validation every
     interval, and one at the end of training (not after an early exit)."""
     train_config = state.config.training
+    hooks = hooks if hooks is not None else TrainingHooks()
     history = TrainingHistory()
     skipped = 0
     exits = ExitConditions(state.config.checkpoint, state.runtime.device)
@@ -213,15 +228,17 @@ def train(state: TrainingState, log=print) -> TrainingHistory:
             record = train_step(state, timers)
             skipped += int(record.skipped)
             history.records.append(record)
+            for hook in hooks.after_step:
+                hook(state, record)
             if record.iteration % train_config.log_interval == 0:
                 _report_iteration(state, history, skipped, timers, writers, progress, log)
             if validator is not None and validator.due(record.iteration):
                 _validate(validator, f"validation loss at iteration {record.iteration}",
-                          history, writers, log)
-            history.exit_reason = checkpoint_and_check_exit(state, exits, log=log)
+                          history, writers, hooks, log)
+            history.exit_reason = checkpoint_and_check_exit(state, exits, hooks, log=log)
             if history.exit_reason:
                 break
         if validator is not None and not history.exit_reason:
             _validate(validator, f"validation loss at the end of training (iteration "
-                                 f"{state.iteration})", history, writers, log)
+                                 f"{state.iteration})", history, writers, hooks, log)
     return history

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional, Protocol, Sequence
 
 import torch
 
-from megakd.arguments import KDRunConfig, LoggingConfig, as_dict
+from megakd.configs import KDRunConfig, LoggingConfig, as_dict
 
 # Timers megakd starts around each training iteration (all at log level 1): data loading, the
 # teacher's forward-only pass, the student's forward-backward schedule (loss included), and the
@@ -44,7 +44,7 @@ class TensorBoardWriter:
     def __init__(self, log_dir: str, max_queue: int = 1000) -> None:
         try:
             from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:  # arguments.validate() checks this first
+        except ImportError as error:  # the preflight checks this first
             raise RuntimeError("--tensorboard-dir needs the tensorboard package: "
                                "pip install tensorboard") from error
         self.summary_writer = SummaryWriter(log_dir=log_dir, max_queue=max_queue)
@@ -65,7 +65,7 @@ class WandbWriter:
     def __init__(self, logging_config: LoggingConfig, run_config: dict) -> None:
         try:
             import wandb
-        except ImportError as error:  # arguments.validate() checks this first
+        except ImportError as error:  # the preflight checks this first
             raise RuntimeError("--wandb-project needs the wandb package: pip install wandb") from error
         self._wandb = wandb
         self._run = wandb.init(

@@ -1,38 +1,27 @@
-"""Build everything one run needs: data, student (DDP), teacher, optimizer, LR schedule."""
+"""Build everything one run needs: data, student (DDP), teacher source, optimizer, schedule."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List, Optional
+from typing import Callable, List
 
 import torch
 
-from megakd.arguments import ConfigError, KDRunConfig, pad_vocab_size
-from megakd.cache import CachedTeacher, TeacherCache
-from megakd.data import build_gpt_datasets, build_tokenizer
-from megakd.distill import DistillationLoss, DistillationStep, TeacherRunner
-from megakd.models import build_student, build_teacher
-from megakd.models.metadata import check_run_tokenizer, tokenizer_identity
+from megakd.configs import ConfigError, KDRunConfig
+from megakd.data import DatasetMicrobatches
+from megakd.distill import (
+    DistillationLoss,
+    DistillationStep,
+    build_datasets,
+    build_loaded_teacher,
+    build_teacher_source,
+    build_tokenizer_and_vocabulary,
+)
+from megakd.formats.cache import TeacherCache
+from megakd.formats.model_metadata import tokenizer_identity
+from megakd.models import build_student, transformer_engine_available
 from megakd.runtime import RuntimeInfo
-from megakd.training.checkpointing import load_checkpoint, load_model_weights
-
-
-@dataclass
-class TrainingState:
-    config: KDRunConfig
-    runtime: RuntimeInfo
-    student: List[torch.nn.Module]  # DDP-wrapped chunks
-    teacher: Optional[List[torch.nn.Module]]
-    step: DistillationStep
-    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
-    scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
-    train_dataset: object
-    valid_vocab_size: int
-    padded_vocab_size: int
-    valid_dataset: object = None  # held-out split; None without --eval-interval
-    tokenizer_identity: Optional[dict] = None  # stored in every checkpoint's megakd_model.json
-    iteration: int = 0
-    consumed_samples: int = 0
+from megakd.training.checkpointing import load_checkpoint
+from megakd.training.state import TrainingState
 
 
 def _wrap_ddp(chunks: List[torch.nn.Module], config: KDRunConfig) -> List[torch.nn.Module]:
@@ -79,18 +68,17 @@ def _build_optimizer(config: KDRunConfig, student: List[torch.nn.Module]):
     )
     # As Megatron-LM: schedule steps are samples, so a changed global batch size keeps the curve.
     gbs = train.global_batch_size
-    decay_iters = train.lr_decay_iters or train.train_iters
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=train.lr,
         min_lr=train.min_lr,
         lr_warmup_steps=train.lr_warmup_iters * gbs,
-        lr_decay_steps=decay_iters * gbs,
+        lr_decay_steps=train.decay_iters * gbs,
         lr_decay_style=train.lr_decay_style,
         start_wd=train.weight_decay,
         end_wd=train.weight_decay,
-        wd_incr_steps=decay_iters * gbs,  # constant wd: tied to the LR schedule, not --train-iters
+        wd_incr_steps=train.decay_iters * gbs,  # constant wd: tied to the LR schedule
         wd_incr_style="constant",
         use_checkpoint_opt_param_scheduler=config.checkpoint.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=config.checkpoint.override_opt_param_scheduler,
@@ -128,9 +116,6 @@ def _check_packing_support(config: KDRunConfig, runtime: RuntimeInfo) -> None:
     """``--pack-sequences`` relies on the block-diagonal ``attention_mask`` being honoured:
     megakd's SDPA attention and megatron's unfused softmax on CPU do; Transformer Engine and
     the fused causal-softmax kernels on CUDA ignore it for causal layers."""
-    from megakd.arguments import ConfigError
-    from megakd.models.builder import transformer_engine_available
-
     backend = config.runtime.attention_backend
     if not config.data.pack_sequences or runtime.device.type != "cuda":
         return
@@ -148,64 +133,46 @@ def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] 
     from megatron.core import parallel_state
 
     _check_packing_support(config, runtime)
-    tokenizer = build_tokenizer(config.data)
-    valid_vocab = tokenizer.vocab_size
-    padded_vocab = config.data.padded_vocab_size or pad_vocab_size(
-        valid_vocab, config.data.make_vocab_size_divisible_by,
-        config.parallel.tensor_model_parallel_size)
-    if padded_vocab < valid_vocab:
-        raise ConfigError(f"--padded-vocab-size={padded_vocab} is smaller than the tokenizer's "
-                          f"vocabulary ({valid_vocab})")
-    # Checkpoints store their own embedding width; megatron loads them into `padded_vocab` rows
-    # (allow_shape_mismatch), so only the tokens themselves must agree.
-    check_run_tokenizer(tokenizer, {"--teacher-load": config.checkpoint.teacher_load,
-                                    "--load": config.checkpoint.load,
-                                    "--pretrained-checkpoint": config.checkpoint.pretrained_checkpoint},
-                        "--tokenizer-model")
-    train = config.training
+    train, data, device = config.training, config.data, runtime.device
+    tokenizer, vocab = build_tokenizer_and_vocabulary(
+        data, config.parallel.tensor_model_parallel_size)
     # --teacher-cache: the train split is built for the cache's sample request, so that sample i
     # is the one the cached teacher saw (megatron's sample order depends on the request).
     cache = TeacherCache(config.checkpoint.teacher_cache) if config.checkpoint.teacher_cache else None
-    train_samples = train.train_iters * train.global_batch_size
-    train_dataset, valid_dataset, _ = build_gpt_datasets(
-        config.data, tokenizer,
-        [cache.manifest.data["train_samples_requested"] if cache else train_samples,
-         validation_samples(config), 0], train.seed
-    )
+    train_dataset, valid_dataset = build_datasets(
+        data, tokenizer, train.seed,
+        cache.train_samples_requested if cache else train.train_samples,
+        validation_samples(config))
     if cache is not None:
-        cache.check_run(config, tokenizer, train_dataset)  # tokenizer and data identity
-        cache.verify(train_samples)  # checksums of the shards this run reads, split over ranks
+        cache.check_run(data, train.seed, tokenizer, train_dataset)
+        cache.verify(train.train_samples)  # checksums of the shards this run reads
 
-    seq, device = config.data.seq_length, runtime.device
-    max_positions = config.data.max_position_embeddings
-    student_chunks = build_student(config.student, config.parallel, padded_vocab, max_positions,
-                                   bf16=train.bf16, device=device,
+    student_chunks = build_student(config.student, config.parallel, vocab.padded,
+                                   data.max_position_embeddings, bf16=train.bf16, device=device,
                                    attention_backend=config.runtime.attention_backend)
     student = _wrap_ddp(student_chunks, config)  # --load is restored once the optimizer exists
-
-    loss = DistillationLoss(config.kd, valid_vocab, parallel_state.get_tensor_model_parallel_group())
-    teacher_chunks, teacher_runner = None, None
-    if cache is not None:  # no teacher is built
-        teacher_runner = CachedTeacher(cache)
-    elif loss.uses_teacher:
-        teacher_chunks = build_teacher(config.teacher, config.parallel, padded_vocab, max_positions,
-                                       bf16=train.bf16, device=device,
-                                       attention_backend=config.runtime.attention_backend)
-        if config.checkpoint.teacher_load:
-            load_model_weights(teacher_chunks, config.checkpoint.teacher_load)
-        teacher_runner = TeacherRunner(teacher_chunks, config.kd, valid_vocab, seq,
-                                       train.micro_batch_size)
-
+    teacher_chunks = None
+    if cache is None and config.kd.uses_teacher:
+        teacher_chunks = build_loaded_teacher(config.teacher, config.parallel, data,
+                                              config.runtime, vocab, train.bf16, device,
+                                              config.checkpoint.teacher_load)
+    teacher = build_teacher_source(config.kd, teacher_chunks, cache, vocab.valid,
+                                   data.seq_length, train.micro_batch_size)
+    loss = DistillationLoss(config.kd, vocab.valid,
+                            parallel_state.get_tensor_model_parallel_group())
     optimizer, scheduler = _build_optimizer(config, student)
     _wire_schedule_hooks(student, optimizer)
-    step = DistillationStep(student, teacher_runner, loss, seq, train.micro_batch_size,
-                            parallel_state.get_data_parallel_group())
+    dp_group = parallel_state.get_data_parallel_group()
     state = TrainingState(
-        config=config, runtime=runtime, student=student, teacher=teacher_chunks, step=step,
-        optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset,
-        valid_vocab_size=valid_vocab, padded_vocab_size=padded_vocab,
-        valid_dataset=valid_dataset if config.eval.interval else None,
-        tokenizer_identity=tokenizer_identity(tokenizer),
+        config=config, runtime=runtime, student=student, teacher=teacher,
+        step=DistillationStep(student, teacher, loss, data.seq_length, train.micro_batch_size,
+                              dp_group),
+        source=DatasetMicrobatches(train_dataset, train.global_batch_size,
+                                   train.micro_batch_size,
+                                   parallel_state.get_data_parallel_rank(),
+                                   parallel_state.get_data_parallel_world_size(), device),
+        optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset, vocab=vocab,
+        valid_dataset=valid_dataset, tokenizer_identity=tokenizer_identity(tokenizer),
     )
     if config.checkpoint.load or config.checkpoint.pretrained_checkpoint:
         load_checkpoint(state, log=log)

@@ -17,13 +17,14 @@ import os
 import zlib
 from typing import BinaryIO, Dict, List, Optional, Sequence
 
-from megakd.cache.manifest import INDEX_FILENAME, SHARD_DIRNAME, CacheManifest, write_json_atomic
-from megakd.fsutil import fsync_dir
+from megakd.configs import ConfigError
+from megakd.formats.cache.manifest import INDEX_FILENAME, SHARD_DIRNAME, CacheManifest, write_json_atomic
+from megakd.formats.fsutil import fsync_dir
 
 _READ_CHUNK = 1 << 22
 
 
-class CacheCorruptionError(RuntimeError):
+class CacheCorruptionError(ConfigError):
     """A shard whose bytes do not match its recorded size or checksum (message: the path)."""
 
 

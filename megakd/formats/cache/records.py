@@ -18,7 +18,7 @@ field                 bytes                                  content
                                                              bit-packed (:mod:`.bitpack`)
 ====================  =====================================  ===================================
 
-These are exactly the fields of :class:`megakd.losses.TeacherTopK`, so a decoded record is
+These are exactly the fields of :class:`megakd.formats.topk.TeacherTopK`, so a decoded record is
 bit-identical to what the live teacher would have handed the loss.
 """
 
@@ -31,10 +31,9 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from megakd.cache.bitpack import index_bits, pack_ids, packed_bytes, unpack_ids
-from megakd.losses import TeacherTopK
+from megakd.formats.cache.bitpack import index_bits, pack_ids, packed_bytes, unpack_ids
+from megakd.formats.topk import TOPK_VALUE_DTYPES, TeacherTopK
 
-VALUE_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 _BITS_VIEW = {torch.bfloat16: (torch.int16, "<i2"), torch.float8_e4m3fn: (torch.uint8, "u1")}
 FINGERPRINT_BYTES = 8
 
@@ -57,7 +56,7 @@ class RecordLayout:
 
     @property
     def value_dtype(self) -> torch.dtype:
-        return VALUE_DTYPES[self.dtype]
+        return TOPK_VALUE_DTYPES[self.dtype]
 
     @property
     def value_bytes(self) -> int:
@@ -136,7 +135,6 @@ class RecordLayout:
             indices=torch.from_numpy(np.stack(ids).reshape(n, s, k)).to(torch.int32),
             tail_logprob=torch.from_numpy(np.stack(tails).reshape(n, s)),
             temperature=float(temperature),
-            scale=None,
         )
         return DecodedRecords(topk=topk, fingerprints=prints)
 

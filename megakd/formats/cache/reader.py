@@ -1,9 +1,6 @@
-"""Reading a finished cache: records by sample id, and the teacher source a student run uses.
+"""Reading a finished cache: records by sample id, checksums, the run identity check.
 
-:class:`CachedTeacher` stands in for :class:`megakd.distill.TeacherRunner`: ``run(microbatches)``
-returns one :class:`~megakd.losses.TeacherTopK` ``[b, s, k]`` per microbatch on the student's
-last pipeline stage (``[]`` elsewhere), read from disk by the microbatches' sample ids instead
-of computed by a teacher. No communication; every last-stage rank reads the records it needs.
+The teacher source built on it (``--teacher-cache``) is :class:`megakd.distill.teachers.CachedTeacher`.
 """
 
 from __future__ import annotations
@@ -13,25 +10,19 @@ from typing import Dict, List, Sequence
 
 import torch
 
-from megakd.arguments import ConfigError, KDRunConfig
-from megakd.cache.manifest import (
+from megakd.configs import ConfigError, DataConfig
+from megakd.formats.cache.manifest import (
     INDEX_FILENAME,
     CacheManifest,
     check_run_identity,
     data_record,
     tokenizer_record,
 )
-from megakd.cache.records import DecodedRecords, token_fingerprint
-from megakd.cache.shards import CacheCorruptionError, read_index, shard_path, verify_shards
-from megakd.data import Microbatch
-from megakd.losses import TeacherTopK
+from megakd.formats.cache.records import DecodedRecords
+from megakd.formats.cache.shards import CacheCorruptionError, read_index, shard_path, verify_shards
 
 
 _MAX_OPEN_SHARDS = 8
-
-
-class CacheMismatchError(RuntimeError):
-    """A microbatch whose tokens are not the ones the cached teacher saw."""
 
 
 class TeacherCache:
@@ -47,11 +38,17 @@ class TeacherCache:
         self.layout = self.manifest.layout
         self._fds: Dict[int, int] = {}
 
-    def check_run(self, config: KDRunConfig, tokenizer, train_dataset) -> None:
+    @property
+    def train_samples_requested(self) -> int:
+        """The train-split request the precompute built its dataset with (a reader must build
+        the same, so that sample i holds the same tokens)."""
+        return int(self.manifest.data["train_samples_requested"])
+
+    def check_run(self, data: DataConfig, seed: int, tokenizer, train_dataset) -> None:
         """Refuse a run with another tokenizer or other data (ConfigError naming the field)."""
         check_run_identity(
-            self.manifest, self.directory, tokenizer_record(config.data, tokenizer),
-            data_record(config, train_dataset, self.manifest.data["train_samples_requested"]))
+            self.manifest, self.directory, tokenizer_record(data, tokenizer),
+            data_record(data, seed, train_dataset, self.train_samples_requested))
 
     def shards_covering(self, num_samples: int) -> range:
         """Shards holding samples ``[0, num_samples)``."""
@@ -102,31 +99,3 @@ class TeacherCache:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-
-
-class CachedTeacher:
-    """The teacher source of a ``--teacher-cache`` run (same ``run`` as ``TeacherRunner``)."""
-
-    def __init__(self, cache: TeacherCache) -> None:
-        self.cache = cache
-
-    def run(self, microbatches: Sequence[Microbatch]) -> List[TeacherTopK]:
-        """Per microbatch, the cached top-k of its samples ``[b, s, k]`` on the last pipeline
-        stage (``[]`` elsewhere), checked against the microbatch's tokens."""
-        from megatron.core import parallel_state
-
-        if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            return []
-        outputs = []
-        for batch in microbatches:
-            if batch.sample_ids is None:
-                raise ValueError("--teacher-cache needs microbatches that carry sample_ids")
-            sample_ids = batch.sample_ids.tolist()
-            decoded = self.cache.read(sample_ids)
-            for row, (sample, stored) in enumerate(zip(sample_ids, decoded.fingerprints)):
-                if token_fingerprint(batch.tokens[row]) != stored:
-                    raise CacheMismatchError(
-                        f"--teacher-cache {self.cache.directory}: sample {sample} holds other "
-                        "tokens than the ones the cached teacher saw (different data or order)")
-            outputs.append(decoded.topk.to(batch.tokens.device))
-        return outputs

@@ -24,11 +24,15 @@ import json
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List
 
-from megakd.arguments import ConfigError, DataConfig, KDRunConfig
-from megakd.cache.records import RecordLayout, token_fingerprint
-from megakd.fsutil import write_text_atomic
+import torch
+
+from megakd.configs import ConfigError, DataConfig, KDConfig, TrainingConfig
+from megakd.formats.cache.records import RecordLayout, token_fingerprint
+from megakd.formats.checkpoints import read_tracker, resolve_checkpoint_dir
+from megakd.formats.fsutil import write_text_atomic
+from megakd.formats.model_metadata import tokenizer_identity
 
 FORMAT = "megakd-teacher-topk"
 VERSION = 1
@@ -117,35 +121,30 @@ class CacheManifest:
 
 def tokenizer_record(data: DataConfig, tokenizer) -> dict:
     """Tokenizer type, vocabulary size and token-list SHA-256 (None for NullTokenizer)."""
-    from megakd.models.metadata import tokenizer_identity
-
     identity = tokenizer_identity(tokenizer)
     return {"type": data.tokenizer_type, "vocab_size": int(tokenizer.vocab_size),
             "sha256": None if identity is None else identity["sha256"]}
 
 
-def data_record(config: KDRunConfig, train_dataset, train_samples_requested: int) -> dict:
+def data_record(data: DataConfig, seed: int, train_dataset, train_samples_requested: int
+                ) -> dict:
     """The data identity: sample-deciding flags, the seed, the train-sample request, and a
     SHA-256 over the flags and the first samples' token fingerprints."""
-    flags = {name: getattr(config.data, name) for name in _DATA_FIELDS}
-    flags["seed"] = config.training.seed
+    flags = {name: getattr(data, name) for name in _DATA_FIELDS}
+    flags["seed"] = seed
     first = [token_fingerprint(_tokens(train_dataset[i])).hex()
              for i in range(min(DATA_FINGERPRINT_SAMPLES, len(train_dataset)))]
     return {"flags": flags, "train_samples_requested": int(train_samples_requested),
             "first_samples": first, "sha256": _sha256_json({"flags": flags, "first": first})}
 
 
-def _tokens(sample: dict):
-    import torch
-
+def _tokens(sample: dict) -> torch.Tensor:
     return torch.as_tensor(sample["tokens"])
 
 
 def teacher_record(teacher_load: str) -> dict:
     """``--teacher-load``, the checkpoint directory it resolves to, and a SHA-256 of the
     tracker and the checkpoint's metadata files."""
-    from megakd.training.checkpointing import read_tracker, resolve_checkpoint_dir
-
     directory = resolve_checkpoint_dir(teacher_load, "--teacher-load")
     digest = hashlib.sha256(f"tracker={read_tracker(teacher_load)}\n".encode())
     for name in _TEACHER_FILES:
@@ -168,38 +167,16 @@ def _mismatch(directory: str, field: str, stored, flag: str, wanted) -> str:
             f"{flag} {wanted!r}")
 
 
-def check_cache_flags(config: KDRunConfig) -> List[str]:
-    """Problems with ``--teacher-cache`` found from the flags and the manifest alone (run by
-    ``megakd.arguments.validate``); tokenizer and data are checked in setup."""
-    directory = config.checkpoint.teacher_cache
-    kd, data, train = config.kd, config.data, config.training
-    errors: List[str] = []
-    if config.checkpoint.teacher_load is not None:
-        errors.append("--teacher-cache and --teacher-load exclude each other (the cache "
-                      "replaces the teacher)")
-    if kd.topk is None:
-        errors.append("--teacher-cache needs --kd-topk (the cache holds the teacher's top-k)")
-    if kd.loss_weight == 0:
-        errors.append("--teacher-cache needs --kd-loss-weight > 0")
-    if config.eval.interval is not None:
-        errors.append("--teacher-cache covers the train split only: drop --eval-interval "
-                      "(or distill with --teacher-load)")
-    if not os.path.isdir(directory):
-        return errors + [f"--teacher-cache {directory}: no such directory"]
-    try:
-        manifest = CacheManifest.read(directory)
-    except ConfigError as error:
-        return errors + [str(error)]
-    if not os.path.isfile(os.path.join(directory, INDEX_FILENAME)):
-        errors.append(f"--teacher-cache {directory}: incomplete cache (no {INDEX_FILENAME}); "
-                      "rerun tools/precompute_teacher_topk.py to finish it")
+def manifest_mismatches(manifest: CacheManifest, directory: str, kd: KDConfig, data: DataConfig,
+                        training: TrainingConfig) -> List[str]:
+    """Fields of ``manifest`` that do not fit the run's flags, each naming the field and flag
+    (tokenizer contents and data identity are compared by :func:`check_run_identity`)."""
     checks = [("k", manifest.k, "--kd-topk", kd.topk),
               ("dtype", manifest.dtype, "--kd-topk-dtype", kd.topk_dtype),
               ("temperature", manifest.temperature, "--kd-temperature", kd.temperature),
               ("seq_length", manifest.seq_length, "--seq-length", data.seq_length)]
-    if kd.topk is not None:
-        errors += [_mismatch(directory, field, stored, flag, wanted)
-                   for field, stored, flag, wanted in checks if stored != wanted]
+    errors = [_mismatch(directory, field, stored, flag, wanted)
+              for field, stored, flag, wanted in checks if stored != wanted]
     if data.tokenizer_type != manifest.tokenizer.get("type"):
         errors.append(_mismatch(directory, "tokenizer.type", manifest.tokenizer.get("type"),
                                 "--tokenizer-type", data.tokenizer_type))
@@ -207,7 +184,7 @@ def check_cache_flags(config: KDRunConfig) -> List[str]:
             manifest.vocab_size != data.vocab_size + 1:
         errors.append(_mismatch(directory, "vocab_size", manifest.vocab_size,
                                 "--vocab-size (+ EOD)", data.vocab_size + 1))
-    needed = train.train_iters * train.global_batch_size
+    needed = training.train_samples
     if manifest.num_samples < needed:
         errors.append(f"--teacher-cache {directory}: manifest field 'num_samples' is "
                       f"{manifest.num_samples}, fewer than the run's --train-iters x "

@@ -1,0 +1,64 @@
+"""What is distilled: the divergence, its weight against CE, temperature, tokens, top-k."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from megakd.configs.fields import flag
+
+TOPK_DTYPE_NAMES = ("bf16", "fp8")  # values of megakd.formats.topk.TOPK_VALUE_DTYPES
+
+
+@dataclass
+class KDConfig:
+    """Which divergence, on which tokens, how it is weighted against the student's CE.
+
+    The divergence kinds and their parameters come from the registry in
+    :mod:`megakd.losses.divergences`: ``--kd-loss`` takes its names, and each kind's parameters
+    (``--kd-skew-alpha``, ...) are flags whose values land in :attr:`divergence_params`.
+    """
+
+    loss: str = flag("fkl", name="--kd-loss", default_text="fkl",
+                     help="divergence between teacher p and student q (docs/losses.md)")
+    temperature: float = flag(1.0, name="--kd-temperature", low=0.0, low_inclusive=False,
+                              help="T, applied to teacher and student")
+    loss_weight: float = flag(1.0, name="--kd-loss-weight", low=0.0, high=1.0,
+                              help="w in (1 - w) * CE + w * KD; 0 is plain LM training (no "
+                                   "teacher is built), 1 is pure KD")
+    temperature_scaling: bool = flag(False, name="--kd-temperature-scaling",
+                                     help="multiply the KD term by T^2 (Hinton et al.)")
+    on_prompt: bool = flag(False, name="--kd-on-prompt",
+                           help="distill on prompt tokens too (default: the CE loss mask)")
+    topk: Optional[int] = flag(None, name="--kd-topk", low=1,
+                               help="distill on the teacher's top-k tokens plus the exact tail "
+                                    "mass")
+    topk_dtype: str = flag("bf16", name="--kd-topk-dtype", choices=TOPK_DTYPE_NAMES,
+                           help="bf16 or fp8 (e4m3: values are log-probs relative to the "
+                                "top-1, no scale needed) for transferred top-k values")
+    topk_renormalize: bool = flag(False, name="--kd-topk-renormalize",
+                                  help="renormalise over the top-k and drop the tail (the "
+                                       "ROLL/ModelOpt variant, for comparison)")
+    # The registry's parameter flags, by parameter name (e.g. {"skew_alpha": 0.1}); a kind's
+    # parameters missing here take their registry defaults.
+    divergence_params: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def uses_teacher(self) -> bool:
+        """A KD term is trained (w > 0), so a teacher (live or cached) is needed."""
+        return self.loss_weight > 0
+
+    @property
+    def kd_scale(self) -> float:
+        """Factor of the KD term: T^2 with ``--kd-temperature-scaling``, else 1."""
+        return self.temperature ** 2 if self.temperature_scaling else 1.0
+
+    def objective(self, ce_mean: Optional[float], kd_mean: Optional[float]) -> Optional[float]:
+        """The optimised objective ``(1 - w) * CE + w * scale * KD`` from token means (None
+        when CE is unknown, e.g. off the last pipeline stage)."""
+        if ce_mean is None:
+            return None
+        total = (1.0 - self.loss_weight) * ce_mean
+        if kd_mean is not None:
+            total += self.loss_weight * self.kd_scale * kd_mean
+        return total

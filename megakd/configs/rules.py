@@ -1,0 +1,192 @@
+"""Rules between flags, checked before any process group starts and without reading files.
+
+Each function checks one concern and returns a list of messages, each naming its flag; a tool
+composes the ones that apply to its command line (:mod:`megakd.preflight`). Bounds of single
+values (``--micro-batch-size`` >= 1, ...) are declared on the fields and checked first by
+:func:`megakd.configs.fields.check_bounds`, so the rules here may divide by them.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional
+
+from megakd.configs.checkpoint import CheckpointConfig
+from megakd.configs.data import DataConfig, parse_blend, parse_split
+from megakd.configs.kd import KDConfig
+from megakd.configs.model import ModelArchConfig
+from megakd.configs.parallel import ParallelConfig
+from megakd.configs.run import EvalConfig, LoggingConfig
+from megakd.configs.training import TrainingConfig
+
+
+def _check(condition: bool, message: str) -> List[str]:
+    return [] if condition else [message]
+
+
+def parallel_rules(par: ParallelConfig) -> List[str]:
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    errors = _check(par.world_size % (tp * pp) == 0,
+                    f"world size {par.world_size} is not divisible by --tensor-model-parallel-size "
+                    f"({tp}) x --pipeline-model-parallel-size ({pp})")
+    if par.num_layers_per_virtual_pipeline_stage is not None:
+        errors += _check(pp > 1, "--num-layers-per-virtual-pipeline-stage needs "
+                                 "--pipeline-model-parallel-size > 1")
+    if par.sequence_parallel:
+        errors += _check(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
+    return errors
+
+
+def arch_rules(arch: ModelArchConfig, par: ParallelConfig, teacher: bool = False) -> List[str]:
+    """Shape rules of one architecture at the run's layout (``--teacher-*`` names if teacher)."""
+    tp, pp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size
+    prefix = "teacher-" if teacher else ""
+
+    def flag(name: str) -> str:
+        return f"--{prefix}{name}"
+
+    errors: List[str] = []
+    if arch.kv_channels is None:
+        errors += _check(arch.hidden_size % arch.num_attention_heads == 0,
+                         f"{flag('hidden-size')}={arch.hidden_size} is not divisible by "
+                         f"{flag('num-attention-heads')}={arch.num_attention_heads} (or give "
+                         f"{flag('kv-channels')})")
+    if arch.use_rope_scaling:
+        errors += _check(arch.position_embedding_type == "rope",
+                         "--use-rope-scaling needs --position-embedding-type rope")
+    for name, value in (("num-attention-heads", arch.num_attention_heads),
+                        ("ffn-hidden-size", arch.ffn_hidden_size)):
+        errors += _check(value % tp == 0, f"{flag(name)}={value} is not divisible by "
+                                          f"--tensor-model-parallel-size={tp}")
+    if arch.num_query_groups is not None:
+        errors += _check(arch.num_attention_heads % arch.num_query_groups == 0,
+                         f"{flag('num-attention-heads')}={arch.num_attention_heads} is not "
+                         f"divisible by {flag('num-query-groups')}={arch.num_query_groups}")
+        errors += _check(arch.num_query_groups % tp == 0,
+                         f"{flag('num-query-groups')}={arch.num_query_groups} is not divisible "
+                         f"by --tensor-model-parallel-size={tp}")
+    errors += _check(arch.num_layers % pp == 0,
+                     f"{flag('num-layers')}={arch.num_layers} is not divisible by "
+                     f"--pipeline-model-parallel-size={pp}")
+    vpp_layers = par.num_layers_per_virtual_pipeline_stage
+    if vpp_layers is not None and arch.num_layers % pp == 0:
+        per_rank = arch.num_layers // pp
+        errors += _check(per_rank % vpp_layers == 0 and per_rank // vpp_layers > 1,
+                         f"--num-layers-per-virtual-pipeline-stage={vpp_layers} must divide the "
+                         f"{per_rank} {'teacher ' if teacher else 'student '}layers per pipeline "
+                         "stage into 2 or more chunks")
+    return errors
+
+
+def data_rules(data: DataConfig, tp: int) -> List[str]:
+    """Vocabulary, sequence and data-source rules (files are read by the preflight)."""
+    errors = _check(data.max_position_embeddings >= data.seq_length,
+                    f"--max-position-embeddings={data.max_position_embeddings} is smaller than "
+                    f"--seq-length={data.seq_length}")
+    if data.tokenizer_type == "NullTokenizer":
+        errors += _check(data.vocab_size is not None,
+                         "--vocab-size is required with --tokenizer-type NullTokenizer")
+    elif data.tokenizer_model is None:
+        errors.append(f"--tokenizer-type {data.tokenizer_type} needs --tokenizer-model")
+    if data.teacher_vocab_size is not None and data.teacher_vocab_size != data.vocab_size:
+        errors.append(f"teacher and student vocab sizes differ: --teacher-vocab-size="
+                      f"{data.teacher_vocab_size} vs --vocab-size={data.vocab_size}; "
+                      "distillation needs one tokenizer")
+    if data.padded_vocab_size is not None:
+        errors += _check(data.padded_vocab_size % tp == 0,
+                         f"--padded-vocab-size={data.padded_vocab_size} must be divisible by "
+                         f"--tensor-model-parallel-size={tp}")
+        if data.tokenizer_type == "NullTokenizer" and data.vocab_size is not None:
+            errors += _check(data.padded_vocab_size >= data.vocab_size + 1,
+                             f"--padded-vocab-size={data.padded_vocab_size} is smaller than the "
+                             f"vocabulary (--vocab-size {data.vocab_size} + EOD)")
+    return errors + data_source_rules(data)
+
+
+def data_source_rules(data: DataConfig) -> List[str]:
+    sources = int(bool(data.mock_data)) + int(data.data_path is not None)
+    if sources != 1:
+        return ["no data source: pass --data-path (or --mock-data)" if sources == 0 else
+                "--mock-data and --data-path are mutually exclusive"]
+    errors: List[str] = []
+    if data.pack_sequences and data.dataset_format != "chat":
+        errors.append("--pack-sequences needs --dataset-format chat")
+    if (data.prompt_key is None) != (data.response_key is None):
+        errors.append("--prompt-key and --response-key must be given together")
+    if data.mock_data:
+        return errors
+    if data.dataset_format == "chat" and data.tokenizer_type == "NullTokenizer":
+        errors.append("--dataset-format chat needs a text tokenizer: --tokenizer-type "
+                      "SentencePieceTokenizer or HuggingFaceTokenizer")
+    for parse, value in ((parse_split, data.split), (parse_blend, data.data_path)):
+        try:
+            parse(value)
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def batch_rules(training: TrainingConfig, dp: int) -> List[str]:
+    mbs, gbs = training.micro_batch_size, training.global_batch_size
+    return _check(gbs % (mbs * dp) == 0,
+                  f"--global-batch-size={gbs} is not a multiple of --micro-batch-size ({mbs}) x "
+                  f"data-parallel size ({dp})")
+
+
+def schedule_rules(training: TrainingConfig) -> List[str]:
+    decay = training.decay_iters
+    return _check(training.lr_warmup_iters == 0 or training.lr_warmup_iters < decay,
+                  f"--lr-warmup-iters={training.lr_warmup_iters} must be smaller than "
+                  f"--lr-decay-iters (default --train-iters) = {decay}")
+
+
+def kd_rules(kd: KDConfig, data: DataConfig) -> List[str]:
+    errors: List[str] = []
+    if kd.topk is not None and data.tokenizer_type == "NullTokenizer" and data.vocab_size:
+        errors += _check(kd.topk <= data.vocab_size + 1,
+                         f"--kd-topk={kd.topk} exceeds the vocabulary ({data.vocab_size + 1} "
+                         "tokens: --vocab-size + EOD)")
+    if kd.topk is None and kd.topk_renormalize:
+        errors.append("--kd-topk-renormalize needs --kd-topk")
+    return errors
+
+
+def checkpoint_rules(ckpt: CheckpointConfig) -> List[str]:
+    """Save/load/exit flags: intervals need --save, load options need --load."""
+    errors: List[str] = []
+    if ckpt.save_interval is not None:
+        errors += _check(ckpt.save is not None, "--save-interval needs --save")
+    for flag, given in (("--finetune", ckpt.finetune), ("--no-load-optim", ckpt.no_load_optim),
+                        ("--no-load-rng", ckpt.no_load_rng)):
+        if given:
+            errors += _check(ckpt.load is not None, f"{flag} needs --load")
+    errors += _check(not (ckpt.override_opt_param_scheduler
+                          and ckpt.use_checkpoint_opt_param_scheduler),
+                     "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                     "exclude each other")
+    return errors
+
+
+def teacher_cache_rules(ckpt: CheckpointConfig, kd: KDConfig,
+                        eval_config: Optional[EvalConfig]) -> List[str]:
+    """``--teacher-cache`` replaces the teacher: what it excludes and needs."""
+    if ckpt.teacher_cache is None:
+        return []
+    errors = _check(ckpt.teacher_load is None, "--teacher-cache and --teacher-load exclude each "
+                                               "other (the cache replaces the teacher)")
+    errors += _check(kd.topk is not None, "--teacher-cache needs --kd-topk (the cache holds the "
+                                          "teacher's top-k)")
+    errors += _check(kd.loss_weight > 0, "--teacher-cache needs --kd-loss-weight > 0")
+    if eval_config is not None:
+        errors += _check(eval_config.interval is None,
+                         "--teacher-cache covers the train split only: drop --eval-interval "
+                         "(or distill with --teacher-load)")
+    return errors
+
+
+def logging_rules(logging_config: LoggingConfig) -> List[str]:
+    errors: List[str] = []
+    for flag, value in (("--wandb-exp-name", logging_config.wandb_exp_name),
+                        ("--wandb-save-dir", logging_config.wandb_save_dir)):
+        errors += _check(value is None or logging_config.wandb_project is not None,
+                         f"{flag} needs --wandb-project")
+    return errors

@@ -1,0 +1,347 @@
+"""Each tool's command line: which config fields it asks for, how the flags become a config,
+and which rules and file checks run before any process group starts.
+
+A tool asks only for the flags it uses: ``tools/precompute_teacher_topk.py`` takes the
+teacher, the layout, the student run's data, batch and top-k flags, and no student
+architecture or optimizer flags. Parsers, the flag tables in the README and docs/flags.md
+(:func:`flags_table`) and the validation all come from the same :class:`Section` lists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
+
+from megakd.configs import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    Flag,
+    KDConfig,
+    KDRunConfig,
+    LoggingConfig,
+    ModelArchConfig,
+    ParallelConfig,
+    PrecomputeConfig,
+    PrecomputeRunConfig,
+    RuntimeConfig,
+    TrainingConfig,
+    check_bounds,
+    rules,
+)
+from megakd.configs.cli import (
+    ExtraFlag,
+    Section,
+    build_parser,
+    explicit_dests,
+    flags_markdown,
+    missing_required,
+    section_options,
+    section_values,
+)
+from megakd.losses import DIVERGENCES, divergence_parameters
+from megakd.preflight import checks
+from megakd.preflight.archs import GROUP_QUERY_ATTENTION, resolve_archs
+from megakd.runtime.launcher import discover_world_size
+
+_MODEL = ("seq_length", "max_position_embeddings")
+_TEACHER_DATA = ("teacher_vocab_size",)
+_DATA = tuple(f.name for f in dataclasses.fields(DataConfig)
+              if f.name not in _MODEL + _TEACHER_DATA)
+_TEACHER_CHECKPOINT = ("teacher_load", "teacher_cache")
+_CHECKPOINT = tuple(f.name for f in dataclasses.fields(CheckpointConfig)
+                    if f.name not in _TEACHER_CHECKPOINT)
+KD = "knowledge distillation"
+
+
+@dataclass(frozen=True)
+class Tool:
+    """One tool's command line."""
+
+    prog: str
+    description: str
+    sections: Tuple[Section, ...]
+    # The models the tool builds; an architecture without a flag section comes only from its
+    # checkpoint's megakd_model.json.
+    models: Tuple[str, ...] = ("student", "teacher")
+    divergence_flags: bool = False  # --kd-loss choices and the registry's parameter flags
+    # Another tool whose flags are accepted and ignored (the precompute takes a student run's
+    # command line whole, but only reads what it uses).
+    tolerates: Optional["Tool"] = None
+
+    @property
+    def extras(self) -> Tuple[ExtraFlag, ...]:
+        if not self.divergence_flags:
+            return ()
+        return tuple(ExtraFlag(KD, Flag(name=p.flag, help=p.help, low=p.low, high=p.high,
+                                        low_inclusive=p.low_inclusive,
+                                        high_inclusive=p.high_inclusive),
+                               float, p.default) for p in divergence_parameters())
+
+    @property
+    def choices(self) -> Dict[str, Tuple[Any, ...]]:
+        return {"--kd-loss": tuple(DIVERGENCES)} if self.divergence_flags else {}
+
+    def parser(self) -> argparse.ArgumentParser:
+        return build_parser(self.prog, self.description, self.sections, self.extras, self.choices)
+
+
+PRETRAIN = Tool(
+    prog="pretrain_kd.py",
+    description="Distill a teacher GPT into a student GPT with megatron-core.",
+    divergence_flags=True,
+    sections=(
+        Section("student model", ModelArchConfig, switches=(GROUP_QUERY_ATTENTION,)),
+        Section("student model", DataConfig, fields=_MODEL),
+        Section("teacher model (unset fields default to the student's)", ModelArchConfig,
+                teacher=True),
+        Section("teacher model (unset fields default to the student's)", DataConfig,
+                fields=_TEACHER_DATA),
+        Section("teacher model (unset fields default to the student's)", CheckpointConfig,
+                fields=_TEACHER_CHECKPOINT),
+        Section("parallelism", ParallelConfig),
+        Section("training", TrainingConfig),
+        Section("data", DataConfig, fields=_DATA),
+        Section(KD, KDConfig),
+        Section("checkpoints", CheckpointConfig, fields=_CHECKPOINT),
+        Section("validation and logging", EvalConfig),
+        Section("validation and logging", LoggingConfig),
+        Section("runtime", RuntimeConfig),
+    ),
+)
+
+PRECOMPUTE = Tool(
+    prog="precompute_teacher_topk.py",
+    description="Write the teacher's top-k for a run's train samples to a cache directory. "
+                "Give the student run's data, batch and top-k flags (layout and "
+                "--micro-batch-size may differ); pretrain_kd.py's other flags are accepted "
+                "and ignored.",
+    tolerates=PRETRAIN,
+    models=("teacher",),
+    sections=(
+        Section("teacher", CheckpointConfig, fields=_TEACHER_CHECKPOINT,
+                required=_TEACHER_CHECKPOINT, helps=(
+                    ("teacher_load", "the teacher whose top-k is cached (its architecture "
+                                     "comes from its megakd_model.json)"),
+                    ("teacher_cache", "cache directory to write; a partial cache there is "
+                                      "resumed"))),
+        Section("teacher", DataConfig, fields=_MODEL),
+        Section("parallelism", ParallelConfig, fields=(
+            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "num_layers_per_virtual_pipeline_stage")),
+        Section("samples", TrainingConfig, fields=(
+            "micro_batch_size", "global_batch_size", "train_iters", "seed", "bf16")),
+        Section("data", DataConfig, fields=_DATA),
+        Section("top-k", KDConfig, fields=("temperature", "topk", "topk_dtype"),
+                required=("topk",)),
+        Section("cache", PrecomputeConfig),
+        Section("runtime", RuntimeConfig),
+    ),
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags -> config
+# ----------------------------------------------------------------------------------------------
+
+
+def _values_by_class(tool: Tool, ns: argparse.Namespace) -> Dict[type, Dict[str, Any]]:
+    """Flag values of every non-teacher section, merged per config class."""
+    values: Dict[type, Dict[str, Any]] = {}
+    for section in tool.sections:
+        if not section.teacher:
+            values.setdefault(section.cls, {}).update(section_values(section, ns))
+    return values
+
+
+def _explicit_fields(tool: Tool, explicit: frozenset) -> Dict[str, Dict[str, Any]]:
+    """Fields of the student / teacher architecture given on the command line."""
+    out: Dict[str, Dict[str, Any]] = {"student": {}, "teacher": {}}
+    for section in tool.sections:
+        if section.cls is ModelArchConfig:
+            role = "teacher" if section.teacher else "student"
+            out[role] = {option.field: None for option in section_options(section)
+                         if option.flag.dest in explicit}
+    return out
+
+
+def _architectures(tool: Tool, ns: argparse.Namespace, explicit: frozenset,
+                   data: DataConfig, ckpt: CheckpointConfig
+                   ) -> Tuple[Optional[ModelArchConfig], Optional[ModelArchConfig]]:
+    by_role: Dict[str, Optional[Dict[str, Any]]] = {
+        role: ({} if role in tool.models else None) for role in ("student", "teacher")}
+    for section in tool.sections:
+        if section.cls is ModelArchConfig:
+            by_role["teacher" if section.teacher else "student"] = section_values(section, ns)
+    given = _explicit_fields(tool, explicit)
+    for role, fields in given.items():
+        for name in fields:
+            fields[name] = by_role[role][name]
+    return resolve_archs(
+        by_role["student"], by_role["teacher"], given,
+        bool(getattr(ns, GROUP_QUERY_ATTENTION.dest, False)),
+        student_checkpoints=[("--load", ckpt.load),
+                             ("--pretrained-checkpoint", ckpt.pretrained_checkpoint)],
+        teacher_checkpoints=[("--teacher-load", ckpt.teacher_load)],
+        vocab_size=data.vocab_size)
+
+
+def _sections(tool: Tool, ns: argparse.Namespace, world_size: int) -> Dict[type, Any]:
+    """Every config section of the tool, with the derived defaults filled in."""
+    values = _values_by_class(tool, ns)
+    built = {cls: cls(**fields) for cls, fields in values.items()}
+    data = built.setdefault(DataConfig, DataConfig())
+    if data.max_position_embeddings is None:
+        data.max_position_embeddings = data.seq_length
+    parallel = built.setdefault(ParallelConfig, ParallelConfig())
+    parallel.world_size = world_size
+    training = built.setdefault(TrainingConfig, TrainingConfig())
+    if training.global_batch_size is None and world_size % parallel.model_parallel_size == 0:
+        training.global_batch_size = training.micro_batch_size * parallel.data_parallel_size
+    kd = built.setdefault(KDConfig, KDConfig())
+    if tool.divergence_flags:
+        kd.divergence_params = {p.name: getattr(ns, p.flag.lstrip("-").replace("-", "_"))
+                                for p in divergence_parameters()}
+    return built
+
+
+def _raise(errors: List[str]) -> None:
+    if errors:
+        raise ConfigError("; ".join(errors))
+
+
+def _section_checks(sections: Sequence[Any], kd: Optional[KDConfig] = None,
+                    choices: Dict[str, Tuple[Any, ...]] = {}) -> List[str]:
+    """Bounds and choices of every field of ``sections`` (model archs included: a teacher
+    architecture is named by its ``--teacher-*`` flags), and the divergence parameters."""
+    errors: List[str] = []
+    for section in sections:
+        if isinstance(section, tuple):  # (architecture, is_teacher)
+            errors += check_bounds(section[0], teacher=section[1])
+        else:
+            errors += check_bounds(section)
+    if kd is not None:
+        kinds = choices.get("--kd-loss", ())
+        if kinds and kd.loss not in kinds:
+            errors.append(f"--kd-loss must be one of {', '.join(kinds)}, got {kd.loss!r}")
+        errors += [problem for p in divergence_parameters()
+                   if (problem := p.check(kd.divergence_params.get(p.name, p.default)))]
+    return errors
+
+
+def _parse(tool: Tool, argv: Optional[Sequence[str]], world_size: Optional[int]
+           ) -> Tuple[Dict[type, Any], Any, Any]:
+    """Parse, assemble and bounds-check: (sections by class, student, teacher)."""
+    parser = tool.parser()
+    if tool.tolerates is None:
+        ns = parser.parse_args(argv)
+    else:
+        ns, rest = parser.parse_known_args(argv)
+        _, unknown = tool.tolerates.parser().parse_known_args(rest)
+        if unknown:
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    _raise(missing_required(tool.sections, ns))
+    world = world_size if world_size is not None else discover_world_size()
+    built = _sections(tool, ns, world)
+    kd = built[KDConfig] if tool.divergence_flags else None
+    _raise(_section_checks(built.values(), kd, tool.choices))
+    student, teacher = _architectures(tool, ns, explicit_dests(parser, argv), built[DataConfig],
+                                      built.get(CheckpointConfig, CheckpointConfig()))
+    return built, student, teacher
+
+
+def _layout_rules(par: ParallelConfig, archs: Sequence[Tuple[ModelArchConfig, bool]]
+                  ) -> List[str]:
+    errors = rules.parallel_rules(par)
+    for arch, is_teacher in archs:
+        errors += rules.arch_rules(arch, par, teacher=is_teacher)
+    return errors
+
+
+# ----------------------------------------------------------------------------------------------
+# The tools
+# ----------------------------------------------------------------------------------------------
+
+
+def parse_pretrain_args(argv: Optional[Sequence[str]] = None,
+                        world_size: Optional[int] = None) -> KDRunConfig:
+    """``tools/pretrain_kd.py``'s flags as a validated :class:`KDRunConfig`: flag rules, then
+    every file check (data, checkpoints, tokenizer, teacher cache). Raises ConfigError listing
+    every problem, each naming its flag or file."""
+    built, student, teacher = _parse(PRETRAIN, argv, world_size)
+    config = KDRunConfig(student=student, teacher=teacher, **{
+        name: built[cls] for name, cls in (
+            ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
+            ("kd", KDConfig), ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
+            ("eval", EvalConfig), ("logging", LoggingConfig))})
+    check_pretrain_config(config)
+    _raise(_file_checks(config.data, config.kd, config.checkpoint, config.training,
+                        config.runtime, config.logging))
+    return config
+
+
+def check_pretrain_config(config: KDRunConfig) -> None:
+    """Every flag-only check of a training run (bounds, choices, the rules between flags), for
+    configs built in Python as well as parsed ones; reads no file. Raises ConfigError."""
+    par, train, data = config.parallel, config.training, config.data
+    sections = [config.parallel, train, data, config.kd, config.checkpoint, config.runtime,
+                config.eval, config.logging, (config.student, False), (config.teacher, True)]
+    _raise(_section_checks(sections, config.kd, PRETRAIN.choices))
+    errors = _layout_rules(par, [(config.student, False), (config.teacher, True)])
+    errors += rules.data_rules(data, par.tensor_model_parallel_size)
+    if par.world_size % par.model_parallel_size == 0:
+        errors += rules.batch_rules(train, par.data_parallel_size)
+    errors += rules.schedule_rules(train) + rules.kd_rules(config.kd, data)
+    errors += rules.checkpoint_rules(config.checkpoint)
+    errors += rules.teacher_cache_rules(config.checkpoint, config.kd, config.eval)
+    errors += rules.logging_rules(config.logging)
+    _raise(errors)
+
+
+def parse_precompute_args(argv: Optional[Sequence[str]] = None,
+                          world_size: Optional[int] = None) -> PrecomputeRunConfig:
+    """``tools/precompute_teacher_topk.py``'s flags as a validated :class:`PrecomputeRunConfig`."""
+    built, _, teacher = _parse(PRECOMPUTE, argv, world_size)
+    config = PrecomputeRunConfig(teacher=teacher, **{
+        name: built[cls] for name, cls in (
+            ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
+            ("kd", KDConfig), ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
+            ("precompute", PrecomputeConfig))})
+    par, train, data = config.parallel, config.training, config.data
+    _raise(_section_checks([(teacher, True)]))
+    errors = _layout_rules(par, [(teacher, True)])
+    errors += rules.data_rules(data, par.tensor_model_parallel_size)
+    if par.world_size % par.model_parallel_size == 0:
+        errors += rules.batch_rules(train, par.data_parallel_size)
+    errors += rules.kd_rules(config.kd, data)
+    shard = config.precompute.samples_per_shard
+    if shard % train.micro_batch_size:
+        errors.append(f"--cache-samples-per-shard={shard} must be a multiple of "
+                      f"--micro-batch-size ({train.micro_batch_size})")
+    _raise(errors)
+    _raise(_file_checks(data, config.kd, config.checkpoint, None, config.runtime, None))
+    return config
+
+
+def _file_checks(data: DataConfig, kd: KDConfig, ckpt: CheckpointConfig,
+                 training: Optional[TrainingConfig], runtime: RuntimeConfig,
+                 logging_config: Optional[LoggingConfig]) -> List[str]:
+    errors = checks.environment_checks(runtime, logging_config)
+    errors += checks.data_file_checks(data) + checks.checkpoint_checks(ckpt)
+    if training is not None:
+        errors += checks.teacher_cache_checks(ckpt, kd, data, training)
+    tokenizer, problems = checks.load_run_tokenizer(data)
+    errors += problems
+    if tokenizer is not None:
+        errors += checks.tokenizer_checks(tokenizer, kd, {
+            "--teacher-load": ckpt.teacher_load, "--load": ckpt.load,
+            "--pretrained-checkpoint": ckpt.pretrained_checkpoint})
+    return errors
+
+
+def flags_table(tool: Tool) -> str:
+    """The tool's flags as the markdown table of the README / docs/flags.md."""
+    return flags_markdown(tool.sections, tool.extras, tool.choices)

@@ -1,0 +1,31 @@
+"""The state of one training run: what setup builds and the loop advances."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+
+from megakd.configs import KDRunConfig
+from megakd.data import MicrobatchSource
+from megakd.distill import DistillationStep, TeacherSource, Vocabulary
+from megakd.runtime import RuntimeInfo
+
+
+@dataclass
+class TrainingState:
+    config: KDRunConfig
+    runtime: RuntimeInfo
+    student: List[torch.nn.Module]  # DDP-wrapped chunks
+    teacher: Optional[TeacherSource]  # None: plain LM training (--kd-loss-weight 0)
+    step: DistillationStep
+    source: MicrobatchSource  # each iteration's microbatches
+    optimizer: object  # megatron.core.optimizer.MegatronOptimizer
+    scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
+    train_dataset: object
+    vocab: Vocabulary
+    valid_dataset: object = None  # held-out split; None without --eval-interval
+    tokenizer_identity: Optional[dict] = None  # stored in every checkpoint's megakd_model.json
+    iteration: int = 0
+    consumed_samples: int = 0
