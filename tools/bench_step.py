@@ -61,7 +61,8 @@ import torch  # noqa: E402
 import torch.multiprocessing as mp  # noqa: E402
 
 DOC = ROOT / "docs" / "performance.md"
-VARIANTS = ("SFT", "teacher fwd", "KD dense", "KD top-k bf16", "KD top-k fp8")
+VARIANTS = ("SFT", "teacher fwd", "KD dense", "KD top-k bf16", "KD top-k fp8",
+            "KD dense, no NaN check")
 PHASES = ("batch-generator", "teacher-forward", "forward-backward", "optimizer")
 COMM_FUNCTIONS = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter",
                   "reduce_scatter_tensor", "broadcast", "isend", "irecv", "send", "recv",
@@ -268,7 +269,8 @@ def run_argv(sizes: Sizes, variant: str, args: argparse.Namespace, world: int) -
     """megakd flags for ``variant`` (``SFT``/``teacher fwd`` share the KD-dense model flags)."""
     kd = {"SFT": ["--kd-loss-weight", "0"],
           "KD top-k bf16": ["--kd-topk", str(args.topk), "--kd-topk-dtype", "bf16"],
-          "KD top-k fp8": ["--kd-topk", str(args.topk), "--kd-topk-dtype", "fp8"]}.get(variant, [])
+          "KD top-k fp8": ["--kd-topk", str(args.topk), "--kd-topk-dtype", "fp8"],
+          "KD dense, no NaN check": ["--no-check-for-nan-in-loss-and-grad"]}.get(variant, [])
     steps = (args.warmup + args.repeats) * len(VARIANTS) + 1
     argv = [
         "--tensor-model-parallel-size", str(sizes.tp),
@@ -348,6 +350,8 @@ def _worker(local_rank: int, world: int, port: int, sizes: Sizes, args: argparse
             return
         state.step.loss = losses[variant]
         state.step.teacher = runners.get(variant)
+        state.config.training.check_for_nan_in_loss_and_grad = \
+            configs[variant].training.check_for_nan_in_loss_and_grad
         train_step(state, timers)
 
     records = []
@@ -465,6 +469,12 @@ def summarize(per_rank: List[List[dict]], sizes: Sizes, args: argparse.Namespace
         ratios[variant] = {"median": statistics.median(per_rep), "min": min(per_rep),
                            "max": max(per_rep), "of_medians": rows[variant]["step"] / base,
                            "extra": extra, "expected": 1.0 + extra / base}
+    # The non-finite check's cost (issue 17): KD dense with / without it, per repetition.
+    unchecked = "KD dense, no NaN check"
+    check_per_rep = [steps["KD dense"][rep] / steps[unchecked][rep]
+                     for rep in sorted(steps[unchecked])]
+    ratios["nan_check"] = {"median": statistics.median(check_per_rep),
+                           "min": min(check_per_rep), "max": max(check_per_rep)}
     return {"rows": rows, "ratios": ratios}
 
 
@@ -534,10 +544,16 @@ def render(result: dict, sizes: Sizes, args: argparse.Namespace, command: str,
               "(KD loss fwd+bwd = loss column minus SFT's, plus top-k select) and the ratio it "
               "alone would give, 1 + work / (SFT + teacher fwd):", ""]
     for variant, q in ratios.items():
+        if variant == "nan_check":
+            continue
         lines.append(f"* **{variant}: {q['median']:.3f}** [{q['min']:.3f} – {q['max']:.3f}] "
                      f"({q['of_medians']:.3f}); KD-only work {ms(q['extra'])} ms → "
                      f"{q['expected']:.3f}")
-    lines += ["", f"Command: `{command}`"]
+    q = ratios["nan_check"]
+    lines += ["", f"The non-finite check (one asynchronous 2-value all-reduce overlapping the "
+              f"gradient norm): KD dense step with / without it, median of the per-repetition "
+              f"ratios **{q['median']:.3f}** [{q['min']:.3f} – {q['max']:.3f}].",
+              "", f"Command: `{command}`"]
     return "\n".join(lines)
 
 

@@ -15,7 +15,10 @@ import os
 import sys
 from typing import Dict
 
+import warnings
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

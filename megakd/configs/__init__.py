@@ -16,6 +16,7 @@ from megakd.configs.fields import (
     field_flag,
     flag,
 )
+from megakd.configs.generation import GenerationConfig
 from megakd.configs.kd import TOPK_DTYPE_NAMES, KDConfig
 from megakd.configs.model import ModelArchConfig
 from megakd.configs.parallel import ParallelConfig
@@ -39,6 +40,7 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "Flag",
+    "GenerationConfig",
     "KDConfig",
     "KDRunConfig",
     "LoggingConfig",

@@ -134,9 +134,14 @@ def batch_rules(training: TrainingConfig, dp: int) -> List[str]:
 
 def schedule_rules(training: TrainingConfig) -> List[str]:
     decay = training.decay_iters
-    return _check(training.lr_warmup_iters == 0 or training.lr_warmup_iters < decay,
-                  f"--lr-warmup-iters={training.lr_warmup_iters} must be smaller than "
-                  f"--lr-decay-iters (default --train-iters) = {decay}")
+    errors = _check(training.lr_warmup_iters == 0 or training.lr_warmup_iters < decay,
+                    f"--lr-warmup-iters={training.lr_warmup_iters} must be smaller than "
+                    f"--lr-decay-iters (default --train-iters) = {decay}")
+    if training.skip_nonfinite_iterations:
+        errors += _check(training.check_for_nan_in_loss_and_grad,
+                         "--skip-nonfinite-iterations needs the non-finite check: drop "
+                         "--no-check-for-nan-in-loss-and-grad")
+    return errors
 
 
 def kd_rules(kd: KDConfig, data: DataConfig) -> List[str]:

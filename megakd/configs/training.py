@@ -48,6 +48,23 @@ class TrainingConfig:
                      help="seed for weights, data order and dropout")
     log_interval: int = flag(100, name="--log-interval", low=1,
                              help="iterations between log lines")
+    check_for_nan_in_loss_and_grad: bool = flag(
+        True, name="--no-check-for-nan-in-loss-and-grad", inverted=True,
+        help="do not check the losses and the gradient norm for NaN/inf every iteration "
+             "(default: check, and stop at the first non-finite value, before the optimizer "
+             "step and without saving)")
+    skip_nonfinite_iterations: bool = flag(
+        False, name="--skip-nonfinite-iterations",
+        help="instead of stopping, skip the optimizer step of an iteration whose loss or "
+             "gradient is non-finite (counted in 'number of skipped iterations')")
+    max_consecutive_skipped_iterations: int = flag(
+        3, name="--max-consecutive-skipped-iterations", low=1,
+        help="with --skip-nonfinite-iterations: stop after this many skipped iterations in "
+             "a row")
+    max_skipped_iterations: int = flag(
+        20, name="--max-skipped-iterations", low=1,
+        help="with --skip-nonfinite-iterations: stop after this many skipped iterations in "
+             "all")
 
     @property
     def decay_iters(self) -> int:

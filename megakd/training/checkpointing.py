@@ -34,6 +34,7 @@ from megakd.formats.checkpoints import (
     write_tracker,
 )
 from megakd.formats.model_metadata import model_metadata
+from megakd.training.nonfinite import check_finite_state
 from megakd.training.state import TrainingState
 
 
@@ -178,6 +179,7 @@ def save_checkpoint(state: TrainingState, root: str, log: Callable[[str], None] 
     root's tracker at it. Returns the checkpoint directory."""
     config = state.config
     rank = torch.distributed.get_rank()
+    check_finite_state(state.student, state.optimizer, state.runtime.device)
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         remove_staging_dirs(root)  # interrupted earlier saves
@@ -198,6 +200,7 @@ def save_checkpoint(state: TrainingState, root: str, log: Callable[[str], None] 
         "global_batch_size": config.training.global_batch_size,
         "use_distributed_optimizer": use_distributed,
         "distributed_optimizer_sharding": sharding,
+        "nonfinite_skips": state.skips.state_dict(),
     }
     directory = os.path.join(root, checkpoint_name(state.iteration))
     save_staged(sharded_state, directory,
@@ -308,6 +311,8 @@ def load_checkpoint(state: TrainingState, log: Callable[[str], None] = print
     if not weights_only:
         state.iteration = training["iteration"]
         state.consumed_samples = training["consumed_samples"]
+        if "nonfinite_skips" in training:  # absent from checkpoints of older megakd
+            state.skips.load_state_dict(training["nonfinite_skips"])
     if torch.distributed.get_rank() == 0:
         what = "weights only" if weights_only else "weights, scheduler" + \
             (", optimizer" if with_optimizer else "") + (", rng" if with_rng else "")

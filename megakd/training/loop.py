@@ -20,6 +20,7 @@ from megakd.training.evaluation import (
     validation_scalars,
 )
 from megakd.training.exits import ExitConditions
+from megakd.training.nonfinite import guarded_optimizer_step
 from megakd.training.observability import (
     MetricsWriters,
     ProgressMeter,
@@ -109,26 +110,28 @@ def train_step(state: TrainingState, timers=None) -> IterationRecord:
     state.optimizer.zero_grad()
     per_microbatch = state.step.run(microbatches, timers=timers)
     timers("optimizer", log_level=1).start()
-    update_ok, grad_norm, _ = state.optimizer.step()
+    outcome = guarded_optimizer_step(state.optimizer, per_microbatch,
+                                     train.check_for_nan_in_loss_and_grad, state.runtime.device)
     timers("optimizer").stop()
-    if update_ok:
+    if outcome.updated:
         state.scheduler.step(increment=train.global_batch_size)
     state.iteration += 1
     state.consumed_samples += train.global_batch_size
+    state.skips.after_step(outcome, state.iteration)  # stops a diverged run here
     losses = reduce_reported(per_microbatch, parallel_state.get_data_parallel_group())
     return IterationRecord(
         iteration=state.iteration,
         consumed_samples=state.consumed_samples,
         learning_rate=state.optimizer.param_groups[0]["lr"],
         losses=losses,
-        grad_norm=None if grad_norm is None else float(grad_norm),
-        skipped=not update_ok,
+        grad_norm=outcome.grad_norm,
+        skipped=not outcome.updated,
         elapsed_ms=(time.perf_counter() - start) * 1000.0,
     )
 
 
-def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_total: int,
-                      timers, writers: MetricsWriters, progress: ProgressMeter, log) -> None:
+def _report_iteration(state: TrainingState, history: TrainingHistory, timers,
+                      writers: MetricsWriters, progress: ProgressMeter, log) -> None:
     """The log line, timers and progress line (logging rank) and the training scalars
     (TensorBoard/W&B). Every rank calls it: the timers are gathered over ranks."""
     config = state.config
@@ -141,7 +144,7 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_to
                            state.runtime.device)
     if not is_logging_rank():
         return
-    log(format_log_line(record, train.train_iters, train.global_batch_size, skipped_total,
+    log(format_log_line(record, train.train_iters, train.global_batch_size, state.skips.skipped,
                         throughput if config.logging.log_throughput else None))
     if timing:
         log(timing)
@@ -155,6 +158,7 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, skipped_to
         "grad-norm": record.grad_norm,
         "tokens-per-sec": throughput,
         "iteration-time": record.elapsed_ms,
+        "skipped-iterations": state.skips.skipped,
     }, record.iteration)
     writers.flush()
 
@@ -215,7 +219,6 @@ def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
     train_config = state.config.training
     hooks = hooks if hooks is not None else TrainingHooks()
     history = TrainingHistory()
-    skipped = 0
     exits = ExitConditions(state.config.checkpoint, state.runtime.device)
     writers = build_metrics_writers(state.config)
     timers = build_timers(state.config.logging)
@@ -226,12 +229,11 @@ def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
             _validate_teacher(validator, history, writers, log)
         while state.iteration < train_config.train_iters:
             record = train_step(state, timers)
-            skipped += int(record.skipped)
             history.records.append(record)
             for hook in hooks.after_step:
                 hook(state, record)
             if record.iteration % train_config.log_interval == 0:
-                _report_iteration(state, history, skipped, timers, writers, progress, log)
+                _report_iteration(state, history, timers, writers, progress, log)
             if validator is not None and validator.due(record.iteration):
                 _validate(validator, f"validation loss at iteration {record.iteration}",
                           history, writers, hooks, log)

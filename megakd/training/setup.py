@@ -21,6 +21,7 @@ from megakd.formats.model_metadata import tokenizer_identity
 from megakd.models import build_student, transformer_engine_available
 from megakd.runtime import RuntimeInfo
 from megakd.training.checkpointing import load_checkpoint
+from megakd.training.nonfinite import SkipPolicy
 from megakd.training.state import TrainingState
 
 
@@ -172,6 +173,7 @@ def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] 
                                    parallel_state.get_data_parallel_rank(),
                                    parallel_state.get_data_parallel_world_size(), device),
         optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset, vocab=vocab,
+        skips=SkipPolicy(train, config.checkpoint),
         valid_dataset=valid_dataset, tokenizer_identity=tokenizer_identity(tokenizer),
     )
     if config.checkpoint.load or config.checkpoint.pretrained_checkpoint:

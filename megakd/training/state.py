@@ -11,6 +11,7 @@ from megakd.configs import KDRunConfig
 from megakd.data import MicrobatchSource
 from megakd.distill import DistillationStep, TeacherSource, Vocabulary
 from megakd.runtime import RuntimeInfo
+from megakd.training.nonfinite import SkipPolicy
 
 
 @dataclass
@@ -25,6 +26,7 @@ class TrainingState:
     scheduler: object  # megatron.core.optimizer_param_scheduler.OptimizerParamScheduler
     train_dataset: object
     vocab: Vocabulary
+    skips: SkipPolicy  # non-finite iterations skipped so far (--skip-nonfinite-iterations)
     valid_dataset: object = None  # held-out split; None without --eval-interval
     tokenizer_identity: Optional[dict] = None  # stored in every checkpoint's megakd_model.json
     iteration: int = 0
