@@ -28,9 +28,10 @@ class RankResult:
                 if line.strip() and "Warning" not in line and "warnings.warn" not in line]
 
 
-def launch(script: str, argv: Sequence[str], world_size: int, timeout: float = 300,
-           env: Optional[Dict[str, str]] = None) -> List[RankResult]:
-    """Start ``world_size`` processes of ``script`` (a path under the repo) with ``argv``."""
+def start(script: str, argv: Sequence[str], world_size: int,
+          env: Optional[Dict[str, str]] = None) -> List[subprocess.Popen]:
+    """Start ``world_size`` processes of ``script`` (a path under the repo) with ``argv``,
+    each with torchrun's environment; returns them running."""
     port = str(free_local_port())
     procs = []
     for rank in range(world_size):
@@ -41,6 +42,11 @@ def launch(script: str, argv: Sequence[str], world_size: int, timeout: float = 3
         procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, script), *argv],
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       env=rank_env, cwd=ROOT))
+    return procs
+
+
+def collect(procs: Sequence[subprocess.Popen], timeout: float = 300) -> List[RankResult]:
+    """Wait for every process; their exit status and output."""
     results = []
     for rank, proc in enumerate(procs):
         try:
@@ -48,6 +54,12 @@ def launch(script: str, argv: Sequence[str], world_size: int, timeout: float = 3
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
-            raise AssertionError(f"rank {rank} of {script} still running after {timeout} s")
+            raise AssertionError(f"rank {rank} still running after {timeout} s")
         results.append(RankResult(rank, proc.returncode, out, err))
     return results
+
+
+def launch(script: str, argv: Sequence[str], world_size: int, timeout: float = 300,
+           env: Optional[Dict[str, str]] = None) -> List[RankResult]:
+    """Run ``world_size`` processes of ``script`` to completion."""
+    return collect(start(script, argv, world_size, env), timeout)

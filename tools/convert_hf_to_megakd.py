@@ -39,7 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from megakd.convert import VerificationError
     from megakd.convert.hf_to_megakd import HFToMegakdOptions, convert_hf_to_megakd
     from megakd.preflight import run_tool
 
@@ -48,7 +47,7 @@ def main(argv=None) -> int:
     def convert() -> None:
         convert_hf_to_megakd(options, log=lambda line: print(line, flush=True))
 
-    return run_tool("convert_hf_to_megakd.py", convert, failures={VerificationError: 1})
+    return run_tool("convert_hf_to_megakd.py", convert)
 
 
 if __name__ == "__main__":

@@ -45,7 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from megakd.convert import VerificationError
     from megakd.convert.megakd_to_hf import MegakdToHFOptions, convert_megakd_to_hf
     from megakd.preflight import run_tool
 
@@ -54,7 +53,7 @@ def main(argv=None) -> int:
     def convert() -> None:
         convert_megakd_to_hf(options, log=lambda line: print(line, flush=True))
 
-    return run_tool("convert_megakd_to_hf.py", convert, failures={VerificationError: 1})
+    return run_tool("convert_megakd_to_hf.py", convert)
 
 
 if __name__ == "__main__":

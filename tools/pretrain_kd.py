@@ -22,13 +22,11 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not inst
 def main(argv=None) -> int:
     from megakd.preflight import parse_pretrain_args, run_tool
     from megakd.training import pretrain_kd
-    from megakd.training.nonfinite import DivergenceError
 
     def log(line: str) -> None:
         print(line, flush=True)
 
-    return run_tool("pretrain_kd.py", lambda: pretrain_kd(parse_pretrain_args(argv), log=log),
-                    failures={DivergenceError: DivergenceError.exit_status})
+    return run_tool("pretrain_kd.py", lambda: pretrain_kd(parse_pretrain_args(argv), log=log))
 
 
 if __name__ == "__main__":

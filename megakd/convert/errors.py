@@ -8,5 +8,6 @@ class ConversionError(ConfigError):
 
 
 class VerificationError(Exception):
-    """``--verify`` found logits further apart than the tolerance (nothing was written); the
-    tools exit with status 1."""
+    """``--verify`` found logits further apart than the tolerance (nothing was written)."""
+
+    exit_status = 1

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import shutil
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
@@ -143,10 +143,12 @@ def _commit(staging: str, directory: str) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def save_staged(sharded_state: dict, directory: str, model_metadata: Optional[dict]) -> None:
+def save_staged(sharded_state: dict, directory: str, model_metadata: Optional[dict],
+                before_commit: Optional[Callable[[], None]] = None) -> None:
     """Collective: ``dist_checkpointing.save`` into ``directory.tmp``, add
     ``megakd_model.json``, then rename to ``directory``. Nothing appears under the final name
-    until every rank has written its part."""
+    until every rank has written its part. ``before_commit`` (rank 0, right before the rename)
+    may raise to leave the staging directory uncommitted (e.g. the launcher is gone)."""
     from megatron.core import dist_checkpointing
 
     rank = torch.distributed.get_rank()
@@ -161,6 +163,8 @@ def save_staged(sharded_state: dict, directory: str, model_metadata: Optional[di
         if model_metadata is not None:
             with open(os.path.join(staging, MODEL_METADATA_FILENAME), "w") as handle:
                 json.dump(model_metadata, handle, indent=2, sort_keys=True)
+        if before_commit is not None:
+            before_commit()
         _commit(staging, directory)
     torch.distributed.barrier()
 

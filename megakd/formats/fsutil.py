@@ -1,4 +1,5 @@
-"""Filesystem helpers for crash-safe writes (checkpoints, teacher-cache shards)."""
+"""Filesystem helpers for crash-safe writes (checkpoints, teacher-cache shards, locks), and
+whether a process of this host runs (lock owners, vanished ranks)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,19 @@ def write_text_atomic(path: str, text: str) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(path + ".tmp", path)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host runs (a zombie, dead but not yet reaped by its
+    parent, does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True

@@ -24,6 +24,7 @@ from megakd.formats.checkpoints import (
     resolve_checkpoint_dir,
 )
 from megakd.formats.model_metadata import describe_tokenizer, same_tokenizer, tokenizer_identity
+from megakd.formats.root_lock import live_foreign_owner, owned_elsewhere
 from megakd.preflight.archs import stored_model_metadata
 
 
@@ -79,6 +80,10 @@ def checkpoint_checks(ckpt: CheckpointConfig) -> List[str]:
                           f"{DIST_METADATA_FILENAME})")
     if ckpt.save is not None and os.path.exists(ckpt.save) and not os.path.isdir(ckpt.save):
         errors.append(f"--save {ckpt.save}: exists and is not a directory")
+    elif ckpt.save is not None and os.path.isdir(ckpt.save):
+        owner = live_foreign_owner(ckpt.save)
+        if owner is not None:
+            errors.append(str(owned_elsewhere(ckpt.save, owner)))
     return errors
 
 

@@ -80,7 +80,8 @@ def initialize(
             world_size=launch.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
-    watchdog.start(launch.rank, launch.world_size)
+    watchdog.start(launch.rank, launch.world_size, launched=launch.launcher != "single",
+                   collective_timeout_s=timeout_minutes * 60.0)
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
@@ -117,12 +118,18 @@ def running(parallel: ParallelConfig, runtime: RuntimeConfig, seed: int,
             num_layers: int) -> Iterator[RuntimeInfo]:
     """Process groups for the block (:func:`initialize_for`), torn down after it. Bad input
     found inside the block (a ConfigError) is first posted to the other ranks, which may be
-    waiting in a collective, so every rank ends with the same line."""
+    waiting in a collective, so every rank ends with the same line; a collective that fails
+    because a peer died becomes a :class:`~megakd.runtime.watchdog.PeerLostError` naming it."""
     info = initialize_for(parallel, runtime, seed, num_layers)
     try:
         yield info
     except ConfigError as error:
         watchdog.abort_peers(str(error), BAD_INPUT_STATUS)
         raise
+    except RuntimeError as error:
+        lost = watchdog.lost_peer_error(error)
+        if lost is None:
+            raise
+        raise lost from error
     finally:
         destroy()

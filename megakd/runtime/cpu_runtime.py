@@ -4,21 +4,25 @@ megatron-core targets CUDA, but its tensor-parallel layers, pipeline schedules, 
 and ``dist_checkpointing`` work on CPU once a handful of CUDA-only calls are redirected. This
 module is the only place in megakd that knows about it (see DESIGN.md, "Running without a GPU").
 It is switched on by :func:`megakd.runtime.initialize` only when CUDA is absent or ``--device cpu``
-is given, and it redirects three things:
+is given, and it redirects:
 
 1. ``torch.cuda.current_device()`` (used in ~175 places to place tensors) returns the CPU device,
-   and the few CUDA helpers megatron calls for bookkeeping (synchronize, streams, events,
-   memory stats) become no-ops.
+   and the few CUDA helpers megatron calls for bookkeeping (synchronize, streams, memory stats)
+   become no-ops. ``torch.cuda.Event`` is a wall-clock event whose ``elapsed_time`` is real
+   milliseconds (megatron-core's static inference loop times every decode step with it).
 2. A ``TorchFunctionMode`` rewrites ``device="cuda"`` arguments to CPU, turns ``Tensor.cuda()``
    into a no-op, and reports CPU float tensors as their CUDA type names (megatron's gradient
    clipping asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``).
 3. The model-parallel RNG tracker's CUDA RNG state helpers use the CPU generator.
+4. megatron-core's inference communication (``inference/communication_utils``: the logits
+   broadcast from the last pipeline stage) asserts ``tensor.is_cuda``; it accepts CPU tensors.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import time
 import warnings
 from typing import Any
 
@@ -66,18 +70,21 @@ class _NullStream:
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, *args: Any) -> "_NullEvent":
-        return _NullEvent()
+    def record_event(self, *args: Any) -> "_WallClockEvent":
+        event = _WallClockEvent()
+        event.record()
+        return event
 
 
-class _NullEvent:
-    """Stands in for ``torch.cuda.Event``."""
+class _WallClockEvent:
+    """Stands in for ``torch.cuda.Event``: ``record`` notes the wall-clock time (work on CPU
+    is already done when the call returns), ``elapsed_time`` is in milliseconds as CUDA's."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        self._recorded_at: "float | None" = None
 
     def record(self, *args: Any) -> None:
-        pass
+        self._recorded_at = time.perf_counter()
 
     def wait(self, *args: Any) -> None:
         pass
@@ -87,6 +94,11 @@ class _NullEvent:
 
     def query(self) -> bool:
         return True
+
+    def elapsed_time(self, end_event: "_WallClockEvent") -> float:
+        if self._recorded_at is None or end_event._recorded_at is None:
+            raise RuntimeError("both events must be recorded before elapsed_time")
+        return (end_event._recorded_at - self._recorded_at) * 1000.0
 
 
 def _cpu_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
@@ -104,6 +116,18 @@ def _seed_cpu_generator(seed: int) -> None:
     torch.default_generator.manual_seed(int(seed))
 
 
+def _tensor_present(tensor: Any) -> None:
+    assert tensor is not None
+
+
+def _allow_cpu_inference_communication() -> None:
+    """megatron-core's inference p2p/broadcast helpers assert ``tensor.is_cuda`` (through
+    ``_is_cuda``, looked up at call time); keep only their not-None check."""
+    from megatron.core.inference import communication_utils
+
+    communication_utils._is_cuda = _tensor_present
+
+
 def enable() -> None:
     """Switch megatron-core to CPU execution for the rest of this process. Idempotent."""
     global _active_mode
@@ -118,7 +142,7 @@ def enable() -> None:
     cuda.current_stream = lambda *a, **k: _NullStream()
     cuda.default_stream = lambda *a, **k: _NullStream()
     cuda.Stream = _NullStream
-    cuda.Event = _NullEvent
+    cuda.Event = _WallClockEvent
     cuda.stream = lambda *a, **k: contextlib.nullcontext()
     cuda.memory_allocated = lambda *a, **k: 0
     cuda.max_memory_allocated = lambda *a, **k: 0
@@ -136,6 +160,8 @@ def enable() -> None:
     logging.getLogger(mcore_random.__name__).addFilter(
         lambda record: "CPU RNG state changed" not in record.getMessage()
     )
+
+    _allow_cpu_inference_communication()
 
     # Warnings that only concern CUDA execution, or deprecations inside megatron-core's
     # checkpoint code that users cannot act on.

@@ -34,6 +34,7 @@ from megakd.formats.checkpoints import (
     write_tracker,
 )
 from megakd.formats.model_metadata import model_metadata
+from megakd.runtime import watchdog
 from megakd.training.nonfinite import check_finite_state
 from megakd.training.state import TrainingState
 
@@ -205,12 +206,21 @@ def save_checkpoint(state: TrainingState, root: str, log: Callable[[str], None] 
     directory = os.path.join(root, checkpoint_name(state.iteration))
     save_staged(sharded_state, directory,
                 model_metadata(config.student, state.vocab.padded,
-                               tokenizer=state.tokenizer_identity))
+                               tokenizer=state.tokenizer_identity),
+                before_commit=lambda: _may_commit(state))
     if rank == 0:
         write_tracker(root, state.iteration)
         log(f"megakd: saved checkpoint at iteration {state.iteration} to {directory}")
     torch.distributed.barrier()
     return directory
+
+
+def _may_commit(state: TrainingState) -> None:
+    """Rank 0, right before a checkpoint is renamed into place: the launcher still runs and
+    this job still owns the root (raises otherwise; the staging directory stays behind)."""
+    watchdog.check_launcher()
+    if state.save_lock is not None:
+        state.save_lock.check_owned()
 
 
 def _no_checkpoint_yet(load: str, save: Optional[str]) -> bool:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from megakd.configs import LoggingConfig
+from megakd.formats.checkpoints import remove_staging_dirs
+from megakd.formats.root_lock import REFRESH_SECONDS, RootLock
+from megakd.runtime import watchdog
 from megakd.distill import reduce_reported
 from megakd.training.checkpointing import save_checkpoint
 from megakd.training.evaluation import (
@@ -210,6 +213,30 @@ def checkpoint_and_check_exit(state: TrainingState, exits: ExitConditions,
     return reason
 
 
+@contextlib.contextmanager
+def _owning_save_root(state: TrainingState, log) -> Iterator[None]:
+    """With ``--save``: rank 0 owns the root for the block (one writer per checkpoint root,
+    :mod:`megakd.formats.root_lock`), refreshes the lock from the watchdog thread, and clears
+    what interrupted saves left behind; the lock is released at the end."""
+    root = state.config.checkpoint.save
+    if root is None or torch.distributed.get_rank() != 0:
+        yield
+        return
+    lock = RootLock(root)
+    lock.acquire(log)
+    stale = remove_staging_dirs(root)
+    if stale:
+        log(f"megakd: removed {len(stale)} staging director{'y' if len(stale) == 1 else 'ies'} "
+            f"of interrupted saves in {root}")
+    state.save_lock = lock
+    watchdog.every(REFRESH_SECONDS, lock.refresh)
+    try:
+        yield
+    finally:
+        state.save_lock = None
+        lock.release()
+
+
 def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
           ) -> TrainingHistory:
     """Run until ``--train-iters`` or an ``--exit-*`` condition, logging every
@@ -224,7 +251,7 @@ def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
     timers = build_timers(state.config.logging)
     progress = ProgressMeter(train_config.train_iters, state.iteration)
     validator = Validator(state) if state.config.eval.interval else None
-    with exits.installed(), contextlib.closing(writers):
+    with _owning_save_root(state, log), exits.installed(), contextlib.closing(writers):
         if validator is not None:
             _validate_teacher(validator, history, writers, log)
         while state.iteration < train_config.train_iters:

@@ -10,6 +10,7 @@ import torch
 from megakd.configs import KDRunConfig
 from megakd.data import MicrobatchSource
 from megakd.distill import DistillationStep, TeacherSource, Vocabulary
+from megakd.formats.root_lock import RootLock
 from megakd.runtime import RuntimeInfo
 from megakd.training.nonfinite import SkipPolicy
 
@@ -31,3 +32,4 @@ class TrainingState:
     tokenizer_identity: Optional[dict] = None  # stored in every checkpoint's megakd_model.json
     iteration: int = 0
     consumed_samples: int = 0
+    save_lock: Optional[RootLock] = None  # rank 0's ownership of --save while training
