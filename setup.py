@@ -21,6 +21,7 @@ setup(
         "pyyaml",
         "tensorboard",
         "transformers",  # --tokenizer-type HuggingFaceTokenizer, chat templates, HF conversion
+        "rouge-score",  # --eval-generate: ROUGE-L of generated answers
     ],
     extras_require={
         "te": ["transformer-engine[pytorch]"],

@@ -128,6 +128,8 @@ def world4_worker(rank: int, workdir: str) -> Dict[str, object]:
     results["online_tp2pp2"] = _train(_config(2, 2, 2, online))
     results["precompute_a"] = _precompute(workdir, cache_a, 2, 2, 2)
     results["cached_tp2pp2"] = _train(_config(2, 2, 2, ["--teacher-cache", cache_a, *load_student]))
+    results["cached_tp2pp2_window1"] = _train(_config(
+        2, 2, 2, ["--teacher-cache", cache_a, "--kd-teacher-window", "1", *load_student]))
     # Written at TP1 x DP4 (four writers in parallel, mbs 1), read at TP2 x PP2 (mbs 2).
     results["precompute_b"] = _precompute(workdir, cache_b, 1, 1, 1)
     results["cached_b_tp2pp2"] = _train(_config(2, 2, 2, ["--teacher-cache", cache_b, *load_student]))

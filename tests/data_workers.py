@@ -107,7 +107,7 @@ def packing_worker(rank: int, chat_path: str, tokenizer_path: str) -> Dict[str, 
     """TP=1: logits of conversations packed into one sample equal their logits alone, for
     learned absolute positions and RoPE, with each local attention backend."""
     from megakd.configs import pad_vocab_size
-    from megakd.data.batches import _collate
+    from megakd.data.batches import collate
     from megakd.data.chat_format import ChatKeys, read_conversations
     from megakd.data.chat_template import tokenize_conversation
     from megakd.data.packing import build_sample, num_positions
@@ -126,8 +126,8 @@ def packing_worker(rank: int, chat_path: str, tokenizer_path: str) -> Dict[str, 
         used += num_positions(len(doc[0]), SEQ)
     assert len(packed) >= 2, "test corpus: at least two conversations must share a sample"
     device = torch.device("cpu")
-    packed_batch = _collate([build_sample(packed, SEQ, with_document_ids=True)], 0, device)
-    alone_batch = _collate([build_sample([doc], SEQ, with_document_ids=False) for doc in packed],
+    packed_batch = collate([build_sample(packed, SEQ, with_document_ids=True)], 0, device)
+    alone_batch = collate([build_sample([doc], SEQ, with_document_ids=False) for doc in packed],
                            0, device)
     diffs = {"documents": float(len(packed))}
     for position in ("learned_absolute", "rope"):

@@ -271,3 +271,44 @@ def pretrained_worker(rank: int, workdir: str) -> Dict[str, object]:
     facts.update(second_iteration=second.iteration, second_matches_trained=checksum(second) == trained)
     return facts
 
+
+
+# Teacher windows (--kd-teacher-window) on the variant student: name -> (tp, pp, extra flags,
+# windows compared with the same layout unwindowed). GBS 8 / MBS 2: 4 microbatches per rank at
+# DP = 1 (W = 3 leaves an uneven last window), 2 at DP = 2.
+_VPP = ("--num-layers-per-virtual-pipeline-stage", "1")
+WINDOW_LAYOUTS = {
+    "tp2pp2": (2, 2, (), (1, 3)),
+    "tp2pp2-vpp2": (2, 2, _VPP, (2,)),  # interleaving needs >= PP microbatches per window
+    "tp2dp2-distopt": (2, 1, ("--use-distributed-optimizer",), (1,)),
+    "tp2pp2-topk": (2, 2, ("--kd-topk", "8"), (2,)),
+    "pp2dp2": (1, 2, (), ()),
+    "pp2dp2-vpp2": (1, 2, _VPP, ()),
+}
+
+
+def windows_worker(rank: int, workdir: str, iters: int) -> Dict[str, dict]:
+    """Each layout of :data:`WINDOW_LAYOUTS` trains ``iters`` steps from the variant initial
+    weights (written by :func:`variants_worker`), unwindowed and with each window; returns the
+    loss curves, grad norms and the bytes of this rank's final parameters."""
+    from megakd.training.loop import train_step
+    from megakd.training.setup import setup
+
+    world = int(os.environ["WORLD_SIZE"])
+    init = ["--load", f"{workdir}/variant_init_student",
+            "--teacher-load", f"{workdir}/variant_init_teacher"]
+    results = {}
+    for name, (tp, pp, extra, sizes) in WINDOW_LAYOUTS.items():
+        for size in (None, *sizes):
+            window = ["--kd-teacher-window", str(size)] if size else []
+            config = make_config(tp, pp, world, [*VARIANT_STUDENT, *init, *extra, *window])
+            state = setup(config, init_layout(config), log=lambda line: None)
+            records = [train_step(state) for _ in range(iters)]
+            params = torch.cat([p.detach().flatten() for chunk in state.student
+                                for p in chunk.parameters()])
+            results[f"{name}-w{size or 'all'}"] = {
+                "curve": [r.losses for r in records],
+                "grad_norms": [r.grad_norm for r in records],
+                "params": params.numpy().tobytes(),
+            }
+    return results

@@ -77,6 +77,7 @@ def test_an_error_seen_by_one_rank_ends_every_rank_with_its_line():
     (["--kd-topk", "100", "--kd-loss-weight", "1"], "--kd-topk=100 exceeds the vocabulary"),
     (["--device", "cuda"], "--device cuda"),
     (["--kd-skew-alpha", "1.0"], "--kd-skew-alpha must be in [0, 1)"),
+    (["--kd-teacher-window", "-1"], "--kd-teacher-window must be"),
 ])
 def test_bad_flags_found_before_any_process_group(extra, needle):
     if extra[:2] == ["--device", "cuda"]:
@@ -87,3 +88,13 @@ def test_bad_flags_found_before_any_process_group(extra, needle):
     with pytest.raises(ConfigError) as error:
         parse_pretrain_args([*BASE, "--train-iters", "1", *extra], world_size=1)
     assert needle in str(error.value)
+
+
+def test_teacher_window_too_small_for_interleaving_is_refused():
+    """PP = 2 with virtual stages, 4 microbatches: W = 3 would leave a last window of 1."""
+    argv = [*BASE, "--train-iters", "1", "--num-layers", "4", "--pipeline-model-parallel-size",
+            "2", "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "8",
+            "--kd-loss-weight", "0.5", "--kd-teacher-window", "3"]
+    with pytest.raises(ConfigError) as error:
+        parse_pretrain_args(argv, world_size=2)
+    assert "--kd-teacher-window=3" in str(error.value) and "[3, 1]" in str(error.value)

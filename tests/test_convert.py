@@ -215,6 +215,16 @@ def test_architecture_comes_from_metadata_and_flags_must_agree(workdir, world1):
         assert flag in str(error.value) and loaded in str(error.value)
 
 
+def test_mock_data_takes_vocab_size_from_the_checkpoint(workdir, world1):
+    """--mock-data with a converted checkpoint: no --vocab-size to type; the NullTokenizer
+    covers the HF vocabulary (100 tokens: ids 0..99, 99 the end of document)."""
+    from megakd.preflight import parse_pretrain_args as parse_args
+
+    argv = [a for a in _args("--load", f"{workdir}/mk_qwen3") if a not in ("--vocab-size", "99")]
+    config = parse_args(argv, world_size=1)
+    assert config.data.vocab_size == 99 and config.student.vocab_size == 99
+
+
 def test_tokenizer_mismatch_is_refused(workdir, world1):
     from megakd.configs import ConfigError
     from megakd.preflight import parse_pretrain_args as parse_args

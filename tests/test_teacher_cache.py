@@ -97,6 +97,13 @@ def test_cached_losses_equal_online_losses_tp2pp2(world4):
         assert a == b, f"step {step}: online {a} != cached {b}"
 
 
+def test_cached_teacher_in_windows_is_bitwise_equal(world4):
+    """--kd-teacher-window 1 with --teacher-cache: one microbatch's cached top-k read at a
+    time, the same losses bit for bit."""
+    got = _last_rank(world4)
+    assert got["cached_tp2pp2_window1"] == got["cached_tp2pp2"]
+
+
 def test_cache_written_at_one_layout_read_at_another(world4):
     """Cache written at TP1 x DP4 (mbs 1, four writers) read by a TP2 x PP2 student (mbs 2): the
     online TP2 x PP2 run's losses up to the teacher's cross-layout rounding."""

@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """KD loss microbenchmark: forward+backward time and peak memory per rank (CPU, gloo).
 
-Methods, all on the same inputs (student/teacher logits ``[tokens, 1, V/tp]``, fp32, T = 1):
+Methods, all on the same inputs (student/teacher logits ``[tokens, 1, V/tp]``, fp32, T = 1;
+``[s, b, V/tp]`` with b = 1, the layout ModelOpt's losses expect; megakd's take any leading dims):
 
-* ``megakd dense fkl``        ``vocab_parallel_divergence(..., "fkl")``
-* ``megakd top-k fkl bf16``   ``teacher_topk(k, bfloat16)`` + ``topk_divergence(..., "fkl")``
+* ``megakd dense fkl``        ``vocab_parallel_divergence(..., make_divergence("fkl"))``
+* ``megakd top-k fkl bf16``   ``teacher_topk(k, bfloat16)`` + ``topk_divergence(..., fkl)``
 * ``megakd top-k fkl fp8``    same with ``float8_e4m3fn`` values
 * ``plain PyTorch fkl``       ``log_softmax`` x2 + ``kl_div`` + ``sum`` (TP = 1 only; it is not
                               vocab-parallel)
@@ -52,6 +53,7 @@ import torch.nn.functional as F  # noqa: E402
 from megakd.runtime.launcher import free_local_port  # noqa: E402
 from megakd.runtime.machine import cpu_model  # noqa: E402
 from megakd.losses import (  # noqa: E402
+    make_divergence,
     teacher_topk,
     topk_bytes_per_token,
     topk_divergence,
@@ -115,13 +117,15 @@ def _modelopt_losses(tp: int):
 
 
 def _methods(tp: int, group) -> Dict[str, Optional[Callable]]:
+    fkl = make_divergence("fkl")
+
     def megakd_dense(s, t):
-        return vocab_parallel_divergence(s, t, "fkl", tp_group=group)
+        return vocab_parallel_divergence(s, t, fkl, tp_group=group)
 
     def megakd_topk(dtype):
         def run(s, t):
             tk = teacher_topk(t, TOPK, tp_group=group, dtype=dtype)
-            return topk_divergence(s, tk, "fkl", tp_group=group)
+            return topk_divergence(s, tk, fkl, tp_group=group)
         return run
 
     def plain(s, t):
@@ -191,14 +195,12 @@ def _worker(rank: int, tp: int, port: int, tokens: int, vocab: int, repeats: int
         dist.destroy_process_group()
 
 
-
 def run_config(tokens: int, vocab: int, tp: int, repeats: int, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.start_processes(_worker, args=(tp, free_local_port(), tokens, vocab, repeats, threads, out),
-                           nprocs=tp, join=True, start_method="spawn")
+        args = (tp, free_local_port(), tokens, vocab, repeats, threads, out)
+        mp.start_processes(_worker, args=args, nprocs=tp, join=True, start_method="spawn")
         return json.loads(Path(out).read_text())
-
 
 
 def main() -> None:

@@ -16,13 +16,17 @@ from megakd.configs.fields import (
     field_flag,
     flag,
 )
-from megakd.configs.generation import GenerationConfig
+from megakd.configs.generation import BatchGenerationConfig, GenerationConfig
 from megakd.configs.kd import TOPK_DTYPE_NAMES, KDConfig
 from megakd.configs.model import ModelArchConfig
 from megakd.configs.parallel import ParallelConfig
+from megakd.configs.precision import TeacherFP8Config
+from megakd.configs.prune import LAYER_IMPORTANCE, PruneConfig, PruneRunConfig
+from megakd.configs.student_data import StudentDataConfig
 from megakd.configs.run import (
     ATTENTION_BACKENDS,
     EvalConfig,
+    GenerateRunConfig,
     KDRunConfig,
     LoggingConfig,
     PrecomputeConfig,
@@ -35,20 +39,27 @@ from megakd.configs.training import TrainingConfig
 __all__ = [
     "ATTENTION_BACKENDS",
     "BAD_INPUT_STATUS",
+    "BatchGenerationConfig",
     "CheckpointConfig",
     "ConfigError",
     "DataConfig",
     "EvalConfig",
     "Flag",
+    "GenerateRunConfig",
     "GenerationConfig",
     "KDConfig",
     "KDRunConfig",
+    "LAYER_IMPORTANCE",
     "LoggingConfig",
     "ModelArchConfig",
     "ParallelConfig",
     "PrecomputeConfig",
     "PrecomputeRunConfig",
+    "PruneConfig",
+    "PruneRunConfig",
     "RuntimeConfig",
+    "StudentDataConfig",
+    "TeacherFP8Config",
     "TOPK_DTYPE_NAMES",
     "TrainingConfig",
     "as_dict",

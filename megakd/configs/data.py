@@ -60,8 +60,10 @@ class DataConfig:
                                           help="tokenizer file or directory (SentencePiece, "
                                                "HuggingFace)")
     vocab_size: Optional[int] = flag(None, name="--vocab-size", low=1,
+                                     default_text="from a loaded checkpoint",
                                      help="NullTokenizer vocabulary (Megatron appends EOD, so "
-                                          "the true vocab is this + 1)")
+                                          "the true vocab is this + 1); with --mock-data and a "
+                                          "checkpoint, its megakd_model.json's vocabulary")
     teacher_vocab_size: Optional[int] = flag(None, name="--teacher-vocab-size", low=1,
                                              default_text="--vocab-size",
                                              help="must equal --vocab-size (one tokenizer)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megakd.configs.fields import flag
 
@@ -24,3 +25,19 @@ class GenerationConfig:
                                     "the end-of-document token)")
     greedy: bool = flag(False, name="--gen-greedy",
                         help="take the most likely token instead of sampling")
+
+
+@dataclass
+class BatchGenerationConfig:
+    """``tools/generate.py``: prompts in, answered conversations out (docs/generation.md)."""
+
+    prompts: Optional[str] = flag(None, name="--prompts", metavar="JSONL", required=True,
+                                  help="chat JSONL of prompts (the formats training reads; a "
+                                       "final assistant answer, if present, is the reference "
+                                       "and is replaced)")
+    output: Optional[str] = flag(None, name="--output", metavar="DIR", required=True,
+                                 help="output directory: parts/ while running, then "
+                                      "generated.jsonl; an interrupted run resumes here")
+    prompts_per_part: int = flag(64, name="--prompts-per-part", low=1,
+                                 help="prompts per output part (the unit of resumption and of "
+                                      "one generation call)")

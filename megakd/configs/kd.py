@@ -8,6 +8,8 @@ from typing import Dict, Optional
 from megakd.configs.fields import flag
 
 TOPK_DTYPE_NAMES = ("bf16", "fp8")  # values of megakd.formats.topk.TOPK_VALUE_DTYPES
+# What --kd-teacher-window 0 (auto) keeps one rank's held teacher outputs under.
+AUTO_TEACHER_WINDOW_GIB = 4
 
 
 @dataclass
@@ -39,6 +41,12 @@ class KDConfig:
     topk_renormalize: bool = flag(False, name="--kd-topk-renormalize",
                                   help="renormalise over the top-k and drop the tail (the "
                                        "ROLL/ModelOpt variant, for comparison)")
+    teacher_window: int = flag(
+        0, name="--kd-teacher-window", low=0, default_text="0 (auto)",
+        help="microbatches per teacher window: the teacher's forward over W microbatches, then "
+             "the student's schedule over the same W, gradients accumulating (held teacher "
+             "outputs: W x b x s x V/tp); 0 picks every microbatch if their outputs fit in "
+             f"{AUTO_TEACHER_WINDOW_GIB} GiB, else the most that fit (docs/performance.md)")
     # The registry's parameter flags, by parameter name (e.g. {"skew_alpha": 0.1}); a kind's
     # parameters missing here take their registry defaults.
     divergence_params: Dict[str, float] = field(default_factory=dict)

@@ -9,6 +9,12 @@ from megakd.configs.fields import flag
 
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope", "none")
+# --moe-router-load-balancing-type: megatron-core's router losses (per micro-batch, per
+# sequence, over the global batch) or none (sinkhorn is left out: its router differs).
+MOE_LOAD_BALANCING_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss", "none")
+# Fields that only shape the student's training (its router loss), not the function the
+# weights compute: recorded in megakd_model.json like the rest, but a run may choose its own.
+TRAINING_ONLY_FIELDS = ("moe_router_load_balancing_type", "moe_aux_loss_coeff")
 
 
 @dataclass
@@ -62,12 +68,44 @@ class ModelArchConfig:
     rope_scaling_factor: float = flag(8.0, name="--rope-scaling-factor", low=0.0,
                                       low_inclusive=False,
                                       help="RoPE scaling factor with --use-rope-scaling")
+    # ---- mixture of experts (megatron-core MoE layers in every layer; dense when unset) ----
+    num_experts: Optional[int] = flag(None, name="--num-experts", teacher=True, low=1,
+                                      default_text="dense MLP",
+                                      help="routed experts per layer (mixture of experts)")
+    moe_router_topk: int = flag(2, name="--moe-router-topk", teacher=True, low=1,
+                                help="experts each token is routed to")
+    moe_ffn_hidden_size: Optional[int] = flag(None, name="--moe-ffn-hidden-size", teacher=True,
+                                              low=1, default_text="--ffn-hidden-size",
+                                              help="width of each routed expert's MLP")
+    moe_shared_expert_intermediate_size: Optional[int] = flag(
+        None, name="--moe-shared-expert-intermediate-size", teacher=True, low=1,
+        default_text="none", help="width of the shared expert every token also passes through")
+    moe_router_pre_softmax: bool = flag(
+        False, name="--moe-router-pre-softmax",
+        help="router softmax over all experts before the top-k, weights not renormalised "
+             "(Qwen3-MoE norm_topk_prob=false); default: softmax over the top-k logits "
+             "(Mixtral, Qwen3-MoE norm_topk_prob=true)")
+    moe_router_load_balancing_type: str = flag(
+        "aux_loss", name="--moe-router-load-balancing-type", choices=MOE_LOAD_BALANCING_TYPES,
+        help="the MoE student's router loss: aux_loss (per micro-batch), seq_aux_loss, "
+             "global_aux_loss or none")
+    moe_aux_loss_coeff: float = flag(0.0, name="--moe-aux-loss-coeff", low=0.0,
+                                     help="weight of the MoE student's load-balancing loss")
     # The tokenizer's true vocabulary (before padding); set from the data flags, no flag here.
     vocab_size: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None and self.hidden_size is not None:
             self.ffn_hidden_size = 4 * self.hidden_size
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts is not None
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        """Width of one routed expert: ``--moe-ffn-hidden-size``, or ``--ffn-hidden-size``."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def head_dim(self) -> int:

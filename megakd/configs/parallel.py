@@ -1,4 +1,4 @@
-"""How the ranks are split: tensor, pipeline (virtual) and data parallelism."""
+"""How the ranks are split: tensor, pipeline (virtual), data and expert parallelism."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megakd.configs.fields import flag
+
+# megatron-core's token dispatchers that run without DeepEP/HybridEP kernels.
+MOE_TOKEN_DISPATCHERS = ("allgather", "alltoall")
 
 
 @dataclass
@@ -25,6 +28,17 @@ class ParallelConfig:
                                    help="Megatron sequence parallelism (needs TP > 1)")
     use_distributed_optimizer: bool = flag(False, name="--use-distributed-optimizer",
                                            help="shard optimizer state across DP")
+    expert_model_parallel_size: int = flag(
+        1, name="--expert-model-parallel-size", low=1,
+        help="expert parallelism (EP) of MoE models: each rank holds experts / EP of every "
+             "MoE layer; EP x expert TP must divide the ranks of a pipeline stage (TP x DP)")
+    expert_tensor_parallel_size: Optional[int] = flag(
+        None, name="--expert-tensor-parallel-size", low=1, default_text="TP",
+        help="tensor parallelism inside each expert (1: whole experts, as ModelOpt and "
+             "Megatron-LM's large-MoE recipes)")
+    moe_token_dispatcher_type: str = flag(
+        "allgather", name="--moe-token-dispatcher-type", choices=MOE_TOKEN_DISPATCHERS,
+        help="how MoE layers move tokens to their experts' ranks (alltoall for large EP)")
     world_size: int = 1  # set from the launcher's environment, not a flag
 
     @property
@@ -34,6 +48,11 @@ class ParallelConfig:
     @property
     def data_parallel_size(self) -> int:
         return self.world_size // self.model_parallel_size
+
+    @property
+    def expert_tensor_size(self) -> int:
+        """Tensor parallelism inside experts: ``--expert-tensor-parallel-size``, or TP."""
+        return self.expert_tensor_parallel_size or self.tensor_model_parallel_size
 
     def virtual_pipeline_size(self, num_layers: int) -> Optional[int]:
         """Model chunks per pipeline rank for a model of ``num_layers`` layers (None: no VPP)."""

@@ -16,6 +16,7 @@ from megakd.configs.kd import KDConfig
 from megakd.configs.model import ModelArchConfig
 from megakd.configs.parallel import ParallelConfig
 from megakd.configs.run import EvalConfig, LoggingConfig
+from megakd.configs.student_data import StudentDataConfig
 from megakd.configs.training import TrainingConfig
 
 
@@ -33,7 +34,20 @@ def parallel_rules(par: ParallelConfig) -> List[str]:
                                  "--pipeline-model-parallel-size > 1")
     if par.sequence_parallel:
         errors += _check(tp > 1, "--sequence-parallel needs --tensor-model-parallel-size > 1")
-    return errors
+    return errors + expert_parallel_rules(par)
+
+
+def expert_parallel_rules(par: ParallelConfig) -> List[str]:
+    """megatron-core lays expert groups over each pipeline stage's TP x DP ranks: EP x expert
+    TP must divide them (world % (EP x ETP x PP) == 0)."""
+    ep, etp, pp = (par.expert_model_parallel_size, par.expert_tensor_size,
+                   par.pipeline_model_parallel_size)
+    if ep == 1 and par.expert_tensor_parallel_size is None:
+        return []  # the expert layout is the dense one
+    return _check(par.world_size % (ep * etp * pp) == 0,
+                  f"--expert-model-parallel-size={ep} x --expert-tensor-parallel-size={etp} x "
+                  f"--pipeline-model-parallel-size={pp} does not divide world size "
+                  f"{par.world_size}")
 
 
 def arch_rules(arch: ModelArchConfig, par: ParallelConfig, teacher: bool = False) -> List[str]:
@@ -74,11 +88,58 @@ def arch_rules(arch: ModelArchConfig, par: ParallelConfig, teacher: bool = False
                          f"--num-layers-per-virtual-pipeline-stage={vpp_layers} must divide the "
                          f"{per_rank} {'teacher ' if teacher else 'student '}layers per pipeline "
                          "stage into 2 or more chunks")
+    return errors + moe_rules(arch, par, teacher)
+
+
+def moe_rules(arch: ModelArchConfig, par: ParallelConfig, teacher: bool = False) -> List[str]:
+    """Mixture-of-experts shapes of one architecture at the run's expert layout."""
+    prefix = "--teacher-" if teacher else "--"
+    experts, topk = arch.num_experts, arch.moe_router_topk
+    if experts is None:
+        return [f"{prefix}{name} needs {prefix}num-experts" for name, value in (
+            ("moe-ffn-hidden-size", arch.moe_ffn_hidden_size),
+            ("moe-shared-expert-intermediate-size", arch.moe_shared_expert_intermediate_size))
+            if value is not None]
+    ep, etp, tp = (par.expert_model_parallel_size, par.expert_tensor_size,
+                   par.tensor_model_parallel_size)
+    width_flag = "moe-ffn-hidden-size" if arch.moe_ffn_hidden_size else "ffn-hidden-size"
+    errors = _check(experts % ep == 0, f"{prefix}num-experts={experts} is not divisible by "
+                                       f"--expert-model-parallel-size={ep}")
+    errors += _check(topk <= experts, f"{prefix}moe-router-topk={topk} exceeds "
+                                      f"{prefix}num-experts={experts}")
+    errors += _check(topk > 1 or arch.moe_router_pre_softmax,
+                     f"{prefix}moe-router-topk=1 needs --moe-router-pre-softmax (a softmax over "
+                     "the one chosen logit is always 1)")
+    errors += _check(arch.expert_ffn_hidden_size % etp == 0,
+                     f"{prefix}{width_flag}={arch.expert_ffn_hidden_size} is not divisible by "
+                     f"--expert-tensor-parallel-size={etp}")
+    shared = arch.moe_shared_expert_intermediate_size
+    if shared is not None:
+        errors += _check(shared % tp == 0, f"{prefix}moe-shared-expert-intermediate-size={shared} "
+                                           f"is not divisible by --tensor-model-parallel-size={tp}")
+    if arch.add_bias_linear:
+        errors += _check(etp == 1, f"{prefix}num-experts with linear biases needs "
+                                   "--expert-tensor-parallel-size 1 (or --disable-bias-linear)")
     return errors
+
+
+def moe_student_rules(student: ModelArchConfig, par: ParallelConfig) -> List[str]:
+    """What training a MoE student adds: megatron-core's MoE layer refuses to train at TP > 1
+    without sequence parallelism (a frozen teacher or generation does not need it)."""
+    if student.num_experts is None or par.tensor_model_parallel_size == 1:
+        return []
+    return _check(par.sequence_parallel, "a MoE student (--num-experts) at "
+                                         "--tensor-model-parallel-size > 1 needs "
+                                         "--sequence-parallel")
 
 
 def data_rules(data: DataConfig, tp: int) -> List[str]:
     """Vocabulary, sequence and data-source rules (files are read by the preflight)."""
+    return vocab_rules(data, tp) + data_source_rules(data)
+
+
+def vocab_rules(data: DataConfig, tp: int) -> List[str]:
+    """The tokenizer, the vocabulary widths and the sequence length."""
     errors = _check(data.max_position_embeddings >= data.seq_length,
                     f"--max-position-embeddings={data.max_position_embeddings} is smaller than "
                     f"--seq-length={data.seq_length}")
@@ -99,7 +160,7 @@ def data_rules(data: DataConfig, tp: int) -> List[str]:
             errors += _check(data.padded_vocab_size >= data.vocab_size + 1,
                              f"--padded-vocab-size={data.padded_vocab_size} is smaller than the "
                              f"vocabulary (--vocab-size {data.vocab_size} + EOD)")
-    return errors + data_source_rules(data)
+    return errors
 
 
 def data_source_rules(data: DataConfig) -> List[str]:
@@ -195,3 +256,60 @@ def logging_rules(logging_config: LoggingConfig) -> List[str]:
         errors += _check(value is None or logging_config.wandb_project is not None,
                          f"{flag} needs --wandb-project")
     return errors
+
+
+def student_data_rules(student_data: StudentDataConfig, kd: KDConfig, data: DataConfig,
+                       ckpt: CheckpointConfig, eval_config: EvalConfig) -> List[str]:
+    """The student's own samples need chat prompts and a live teacher to score them;
+    DistiLLM's schedule needs validation. (Room after each prompt: the preflight reads the
+    prompts; an answer is cut to the room its prompt leaves in --seq-length.)"""
+    errors: List[str] = []
+    uses = [(flag, on) for flag, on in (
+        ("--kd-student-data-fraction", student_data.fraction > 0),
+        ("--kd-adaptive-sgo", student_data.adaptive),
+        ("--eval-generate", eval_config.generate > 0)) if on]
+    if not uses:
+        return errors
+    if student_data.fraction > 0 and student_data.adaptive:
+        errors.append("--kd-student-data-fraction and --kd-adaptive-sgo exclude each other "
+                      "(GKD's mix or DistiLLM's schedule)")
+    for flag, _ in uses:
+        if data.mock_data or data.dataset_format != "chat":
+            errors.append(f"{flag} needs prompts and responses: --dataset-format chat "
+                          "(pretraining data has no prompts to answer)")
+        if data.pack_sequences:
+            errors.append(f"{flag} does not work with --pack-sequences")
+    if student_data.enabled:
+        errors += _check(kd.loss_weight > 0 and ckpt.teacher_cache is None,
+                         "the student's own samples need a live teacher to score them: "
+                         "--kd-loss-weight > 0 and --teacher-load, not --teacher-cache")
+    if student_data.adaptive:
+        errors += _check(eval_config.interval is not None,
+                         "--kd-adaptive-sgo needs --eval-interval (phi follows validation CE)")
+    if eval_config.generate > 0:
+        errors += _check(eval_config.interval is not None, "--eval-generate needs --eval-interval")
+    return errors
+
+
+def prompt_rules(data: DataConfig) -> List[str]:
+    """Prompt files are chat JSONL: a prompt key comes with a response key."""
+    return _check((data.prompt_key is None) == (data.response_key is None),
+                  "--prompt-key and --response-key must be given together")
+
+
+def teacher_window_rules(kd: KDConfig, training: TrainingConfig, par: ParallelConfig
+                         ) -> List[str]:
+    """With virtual pipeline stages megatron-core's interleaved schedule needs at least PP
+    microbatches per call, so every teacher window must hold that many."""
+    pp = par.pipeline_model_parallel_size
+    if not kd.teacher_window or par.num_layers_per_virtual_pipeline_stage is None or pp == 1:
+        return []
+    num_microbatches = training.global_batch_size // (
+        training.micro_batch_size * par.data_parallel_size)
+    window = min(kd.teacher_window, num_microbatches)
+    sizes = [window] * (num_microbatches // window) + (
+        [num_microbatches % window] if num_microbatches % window else [])
+    return _check(min(sizes) >= pp,
+                  f"--kd-teacher-window={kd.teacher_window}: with virtual pipeline stages every "
+                  f"window needs at least --pipeline-model-parallel-size ({pp}) microbatches; "
+                  f"the {num_microbatches} microbatches per rank would run as windows of {sizes}")

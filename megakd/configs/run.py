@@ -9,9 +9,12 @@ from typing import Optional
 from megakd.configs.checkpoint import CheckpointConfig
 from megakd.configs.data import DataConfig
 from megakd.configs.fields import flag
+from megakd.configs.generation import BatchGenerationConfig, GenerationConfig
 from megakd.configs.kd import KDConfig
 from megakd.configs.model import ModelArchConfig
 from megakd.configs.parallel import ParallelConfig
+from megakd.configs.precision import TeacherFP8Config
+from megakd.configs.student_data import StudentDataConfig
 from megakd.configs.training import TrainingConfig
 
 # --attention-backend: auto = Transformer Engine when it imports on a GPU, else sdpa;
@@ -32,6 +35,10 @@ class EvalConfig:
     iters: int = flag(100, name="--eval-iters", low=1,
                       help="global batches per validation (each validation reads the next "
                            "ones, as Megatron-LM)")
+    generate: int = flag(0, name="--eval-generate", low=0,
+                         help="each validation also greedy-generates answers to this many "
+                              "held-out prompts and reports ROUGE-L and exact match against "
+                              "their references (chat data)")
 
 
 @dataclass
@@ -83,6 +90,9 @@ class KDRunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    student_data: StudentDataConfig = field(default_factory=StudentDataConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    teacher_fp8: TeacherFP8Config = field(default_factory=TeacherFP8Config)
 
 
 def as_dict(config) -> dict:
@@ -114,3 +124,19 @@ class PrecomputeRunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     precompute: PrecomputeConfig = field(default_factory=PrecomputeConfig)
+    teacher_fp8: TeacherFP8Config = field(default_factory=TeacherFP8Config)
+
+
+@dataclass
+class GenerateRunConfig:
+    """Everything ``tools/generate.py`` needs: the model (from ``--load``), its layout, the
+    tokenizer and sequence length, sampling, and where prompts come from and answers go."""
+
+    model: ModelArchConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)  # --seed, --bf16
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    batch: BatchGenerationConfig = field(default_factory=BatchGenerationConfig)

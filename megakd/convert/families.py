@@ -1,11 +1,12 @@
 """The supported HuggingFace families, by ``--model-family`` name and by ``model_type``."""
 
-from megakd.convert import llama, mistral, qwen2, qwen3
+from megakd.convert import llama, mistral, mixtral, qwen2, qwen3, qwen3_moe
 from megakd.convert.errors import ConversionError
 from megakd.convert.family import ModelFamily
 
 FAMILIES = {family.name: family for family in
-            (llama.FAMILY, mistral.FAMILY, qwen2.FAMILY, qwen3.FAMILY)}
+            (llama.FAMILY, mistral.FAMILY, mixtral.FAMILY, qwen2.FAMILY, qwen3.FAMILY,
+             qwen3_moe.FAMILY)}
 
 
 def family_by_name(name: str) -> ModelFamily:

@@ -3,12 +3,15 @@
 A :class:`ModelFamily` lists
 
 - :class:`WeightRule` rows: one megatron-core ``GPTModel`` state-dict entry (local layer spec,
-  TP=1/PP=1; ``{layer}`` stands for the layer index), the HuggingFace tensors it is made of,
-  and the kind of rearrangement between them (:mod:`megakd.convert.tensors`);
+  TP=1/PP=1/EP=1; ``{layer}`` stands for the layer index, ``{expert}`` for the expert index of
+  a MoE layer), the HuggingFace tensors it is made of, and the kind of rearrangement between
+  them (:mod:`megakd.convert.tensors`);
 - :class:`FieldCheck` rows: ``config.json`` fields whose values megatron's ``GPTModel`` cannot
   express, each with the values that are accepted and why;
 - the config fields that are read or harmless, and the extra fields the reverse conversion
-  writes.
+  writes;
+- for mixture-of-experts families, :class:`MoEFields`: where ``config.json`` keeps the expert
+  count, the expert width and the router's top-k normalisation.
 
 The Llama-style building blocks below are shared; each family module (``llama.py``,
 ``qwen2.py``, ...) composes them.
@@ -17,7 +20,7 @@ The Llama-style building blocks below are shared; each family module (``llama.py
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 # Rearrangement kinds (implemented in megakd.convert.tensors).
 COPY = "copy"  # same tensor
@@ -43,6 +46,17 @@ class FieldCheck:
 
 
 @dataclass(frozen=True)
+class MoEFields:
+    """The ``config.json`` keys of a mixture-of-experts family (``num_experts_per_tok`` and
+    ``router_aux_loss_coef`` are common to all)."""
+
+    num_experts: Tuple[str, ...]  # keys that may hold the expert count; the first is written
+    expert_width: str  # key of each expert's MLP width
+    # Key of the switch that renormalises the top-k router weights; None: always renormalised.
+    normalize_topk: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     name: str  # --model-family
     model_type: str  # config.json "model_type"
@@ -53,6 +67,7 @@ class ModelFamily:
     qk_norm: bool = False  # RMSNorm on each query/key head (Qwen3)
     known_fields: frozenset = frozenset()  # read by the converter, or harmless
     hf_defaults: Dict[str, object] = field(default_factory=dict)  # written by megakd -> HF
+    moe: Optional[MoEFields] = None  # mixture-of-experts families only
 
 
 # ---- shared Llama-style rows -----------------------------------------------------------------
@@ -93,6 +108,24 @@ MLP_RULES = (
                (_HF_LAYER + "mlp.gate_proj.weight", _HF_LAYER + "mlp.up_proj.weight"), GATE_UP),
     WeightRule(_MG_LAYER + "mlp.linear_fc2.weight", (_HF_LAYER + "mlp.down_proj.weight",)),
 )
+
+def moe_mlp_rules(hf_block: str, gate: str, up: str, down: str) -> Tuple[WeightRule, ...]:
+    """The rows of a MoE layer: HF ``{hf_block}.gate`` (router) and per-expert ``gate``,
+    ``up`` and ``down`` projections under ``{hf_block}.experts.{expert}.``."""
+    expert = _HF_LAYER + hf_block + ".experts.{expert}."
+    megatron_expert = _MG_LAYER + "mlp.experts.local_experts.{expert}."
+    return (
+        WeightRule(_MG_LAYER + "pre_mlp_layernorm.weight",
+                   (_HF_LAYER + "post_attention_layernorm.weight",)),
+        WeightRule(_MG_LAYER + "mlp.router.weight", (_HF_LAYER + hf_block + ".gate.weight",)),
+        WeightRule(megatron_expert + "linear_fc1.weight",
+                   (expert + gate + ".weight", expert + up + ".weight"), GATE_UP),
+        WeightRule(megatron_expert + "linear_fc2.weight", (expert + down + ".weight",)),
+    )
+
+
+# config.json fields every MoE family reads (besides its MoEFields keys).
+MOE_FIELDS = frozenset({"num_experts_per_tok", "router_aux_loss_coef", "output_router_logits"})
 
 COMMON_CHECKS = (
     FieldCheck("hidden_act", ("silu",), "megakd maps the MLP onto SwiGLU (silu gate)"),

@@ -15,6 +15,7 @@ from megakd.configs import ModelArchConfig
 from megakd.convert.errors import ConversionError
 from megakd.convert.families import family_for_model_type
 from megakd.convert.family import ModelFamily
+from megakd.convert.moe_config import check_moe_arch, moe_arch_fields, moe_hf_fields
 
 # megatron-core's RotaryEmbedding._apply_scaling fixes these (Llama 3.1/3.2/3.3 values).
 LLAMA3_ROPE_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -110,6 +111,7 @@ def arch_from_hf_config(config: dict, source: str) -> ModelArchConfig:
         vocab_size=config["vocab_size"],
         use_rope_scaling=use_scaling,
         rope_scaling_factor=factor,
+        **moe_arch_fields(config, family, source),
     )
 
 
@@ -122,6 +124,7 @@ def check_arch_is_family(arch: ModelArchConfig, family: ModelFamily, source: str
         if getattr(arch, name) != value:
             raise ConversionError(f"{source}: architecture {name}={getattr(arch, name)!r} cannot "
                                   f"be written as {family.name} (needs {value!r})")
+    check_moe_arch(arch, family, source)
 
 
 def hf_config_from_arch(arch: ModelArchConfig, family: ModelFamily, vocab_size: int,
@@ -150,9 +153,11 @@ def hf_config_from_arch(arch: ModelArchConfig, family: ModelFamily, vocab_size: 
         "tie_word_embeddings": not arch.untie_embeddings_and_output_weights,
         "dtype": dtype,
     })
-    if arch.kv_channels is not None or "head_dim" in config:  # Qwen2 has no head_dim field
+    # Qwen2 has no head_dim field, Mixtral a null one (hidden / heads): both stay as they are.
+    if arch.kv_channels is not None or config.get("head_dim") is not None:
         config["head_dim"] = arch.kv_channels or arch.hidden_size // heads
     if arch.use_rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": arch.rope_scaling_factor,
                                   **LLAMA3_ROPE_FIXED}
+    config.update(moe_hf_fields(arch, family, base))
     return config

@@ -59,15 +59,18 @@ class HFToMegakdPlan:
 
 
 def expand_rules(family: ModelFamily, arch: ModelArchConfig) -> List[tuple]:
-    """``(megatron name, kind, [HF names])`` for every tensor of ``arch``."""
+    """``(megatron name, kind, [HF names])`` for every tensor of ``arch`` (``{layer}`` over its
+    layers, ``{expert}`` over the experts of a MoE layer)."""
     rows = []
     for rule in family.rules:
         if rule.megatron == "output_layer.weight" and not arch.untie_embeddings_and_output_weights:
             continue
         layers = range(arch.num_layers) if "{layer}" in rule.megatron else [None]
+        experts = range(arch.num_experts or 0) if "{expert}" in rule.megatron else [None]
         for layer in layers:
-            rows.append((rule.megatron.format(layer=layer), rule.kind,
-                         [name.format(layer=layer) for name in rule.hf]))
+            for expert in experts:
+                rows.append((rule.megatron.format(layer=layer, expert=expert), rule.kind,
+                             [name.format(layer=layer, expert=expert) for name in rule.hf]))
     return rows
 
 

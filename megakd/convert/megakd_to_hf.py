@@ -37,7 +37,8 @@ from megakd.formats.model_metadata import arch_from_metadata, read_model_metadat
 _COMPARED_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
                     "num_query_groups", "kv_channels", "rotary_base", "use_rope_scaling",
                     "rope_scaling_factor", "untie_embeddings_and_output_weights", "add_qkv_bias",
-                    "qk_layernorm", "norm_epsilon")
+                    "qk_layernorm", "norm_epsilon", "num_experts", "moe_router_topk",
+                    "expert_ffn_hidden_size", "moe_router_pre_softmax")
 
 
 @dataclass

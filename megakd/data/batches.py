@@ -14,7 +14,7 @@ student's own generations (on-policy distillation) wraps it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Protocol
+from typing import Dict, List, Optional, Protocol
 
 import torch
 
@@ -35,18 +35,25 @@ class Microbatch:
     # (megatron's convention; None = plain causal attention)
     attention_mask: Optional[torch.Tensor] = None
     # [b] int64: each sample's index in its dataset (what consumed_samples counts; the key of
-    # an offline teacher cache, megakd/formats/cache)
+    # an offline teacher cache, megakd/formats/cache); None for student-generated samples
     sample_ids: Optional[torch.Tensor] = None
+    # 1.0 where the KD term applies when it differs from loss_mask: the student's own
+    # response tokens, which carry no CE (None: KD follows loss_mask)
+    kd_mask: Optional[torch.Tensor] = None
 
 
 def kd_loss_mask(batch: Microbatch, on_prompt: bool) -> torch.Tensor:
-    """Tokens the KD term covers: CE's loss mask, plus prompt tokens with ``--kd-on-prompt``."""
+    """Tokens the KD term covers: the response tokens (CE's loss mask, or the student's own
+    response of a generated sample), plus prompt tokens with ``--kd-on-prompt``."""
+    responses = batch.loss_mask if batch.kd_mask is None else batch.kd_mask
     if not on_prompt or batch.prompt_mask is None:
-        return batch.loss_mask
-    return torch.clamp(batch.loss_mask + batch.prompt_mask, max=1.0)
+        return responses
+    return torch.clamp(responses + batch.prompt_mask, max=1.0)
 
 
-def _collate(samples: List[dict], index: int, device: torch.device) -> Microbatch:
+def collate(samples: List[dict], index: int, device: torch.device) -> Microbatch:
+    """Stack samples (dicts of ``[s]`` tensors, see :func:`megakd.data.packing.build_sample`)
+    into microbatch ``index``."""
     def stack(key: str) -> Optional[torch.Tensor]:
         if key not in samples[0]:
             return None
@@ -61,6 +68,7 @@ def _collate(samples: List[dict], index: int, device: torch.device) -> Microbatc
         position_ids=stack("position_ids"),
         prompt_mask=stack("prompt_mask"),
         attention_mask=None if document_ids is None else block_causal_attention_mask(document_ids),
+        kd_mask=stack("kd_mask"),
     )
 
 
@@ -80,7 +88,7 @@ def iteration_microbatches(
     for m in range(num_microbatches):
         start = consumed_samples + m * per_step + data_parallel_rank * micro_batch_size
         sample_ids = [(start + j) % len(dataset) for j in range(micro_batch_size)]
-        microbatch = _collate([dataset[i] for i in sample_ids], m, device)
+        microbatch = collate([dataset[i] for i in sample_ids], m, device)
         microbatch.sample_ids = torch.tensor(sample_ids, dtype=torch.int64)
         microbatches.append(microbatch)
     return microbatches
@@ -91,6 +99,17 @@ class MicrobatchSource(Protocol):
 
     def microbatches(self, consumed_samples: int) -> List[Microbatch]:
         """This DP rank's microbatches of the global batch that starts at ``consumed_samples``."""
+        ...
+
+    def report(self) -> Dict[str, float]:
+        """Figures about the last call (e.g. generated tokens), for the log line."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue exactly ({} when stateless)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
         ...
 
 
@@ -110,3 +129,12 @@ class DatasetMicrobatches:
         return iteration_microbatches(self.dataset, consumed_samples, self.global_batch_size,
                                       self.micro_batch_size, self.data_parallel_rank,
                                       self.data_parallel_size, self.device)
+
+    def report(self) -> Dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}  # the position in the data is the checkpoint's consumed samples
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

@@ -39,17 +39,24 @@ class ChatKeys:
         return self.prompt is not None
 
 
-def _messages_from_record(record: object, keys: ChatKeys) -> List[Message]:
-    """The conversation on one line, or ValueError saying what is wrong with it."""
+def _messages_from_record(record: object, keys: ChatKeys,
+                          prompts_only: bool = False) -> List[Message]:
+    """The conversation on one line, or ValueError saying what is wrong with it.
+    ``prompts_only``: a conversation may end without an assistant answer (generation input;
+    a prompt/response pair may then lack its response key)."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
     if keys.is_pair:
+        if prompts_only and keys.response not in record:
+            record = {**record, keys.response: ""}
         for key in (keys.prompt, keys.response):
             if key not in record:
                 raise ValueError(f"missing key {key!r}")
             if not isinstance(record[key], str):
                 raise ValueError(f"{key!r} must be a string, got {type(record[key]).__name__}")
         if not record[keys.response].strip():
+            if prompts_only:
+                return [{"role": "user", "content": record[keys.prompt]}]
             raise ValueError(f"empty response ({keys.response!r})")
         return [{"role": "user", "content": record[keys.prompt]},
                 {"role": "assistant", "content": record[keys.response]}]
@@ -73,13 +80,15 @@ def _messages_from_record(record: object, keys: ChatKeys) -> List[Message]:
         if role == "assistant" and not content.strip():
             raise ValueError(f"message {i}: empty assistant response")
         out.append({"role": role, "content": content})
-    if not any(m["role"] == "assistant" for m in out):
+    if not prompts_only and not any(m["role"] == "assistant" for m in out):
         raise ValueError("no assistant message (nothing to train on)")
     return out
 
 
-def iter_conversations(path: str, keys: ChatKeys) -> Iterator[List[Message]]:
-    """Yield each line's conversation; raise :class:`ChatFormatError` at the first bad line."""
+def iter_conversations(path: str, keys: ChatKeys,
+                       prompts_only: bool = False) -> Iterator[List[Message]]:
+    """Yield each line's conversation; raise :class:`ChatFormatError` at the first bad line.
+    ``prompts_only``: generation input (see :func:`_messages_from_record`)."""
     try:
         handle = open(path, "r", encoding="utf-8")
     except OSError as error:
@@ -94,7 +103,7 @@ def iter_conversations(path: str, keys: ChatKeys) -> Iterator[List[Message]]:
                 raise ChatFormatError(f"{path}:{line_number}: invalid JSON ({error.msg} at "
                                       f"column {error.colno})") from None
             try:
-                yield _messages_from_record(record, keys)
+                yield _messages_from_record(record, keys, prompts_only)
             except ValueError as error:
                 raise ChatFormatError(f"{path}:{line_number}: {error}") from None
 

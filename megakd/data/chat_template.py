@@ -14,7 +14,7 @@ concatenated.
 
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy
 
@@ -82,3 +82,22 @@ def tokenize_conversation(tokenizer, messages: Sequence[Message]
         ids += piece
         is_response += [response] * len(piece)
     return numpy.asarray(ids, dtype=numpy.int32), numpy.asarray(is_response, dtype=bool)
+
+
+def split_prompt(messages: Sequence[Message]) -> Tuple[List[Message], Optional[str]]:
+    """(the prompt: the messages before the final assistant answer, that answer or None)."""
+    if messages and messages[-1]["role"] == "assistant":
+        return list(messages[:-1]), messages[-1]["content"]
+    return list(messages), None
+
+
+def tokenize_prompt(tokenizer, messages: Sequence[Message]) -> List[int]:
+    """The token ids a model continues to answer ``messages`` (a conversation without its
+    final assistant answer): exactly the ids that precede that answer when the whole
+    conversation is tokenized for training (so generation sees what training saw)."""
+    with_answer = list(messages) + [{"role": "assistant", "content": "x"}]
+    ids, is_response = tokenize_conversation(tokenizer, with_answer)
+    start = len(ids)
+    while start > 0 and is_response[start - 1]:
+        start -= 1  # back over the placeholder answer (and its closing tokens)
+    return [int(i) for i in ids[:start]]

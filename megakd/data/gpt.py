@@ -10,9 +10,10 @@ for all real data.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Sequence, Tuple
 
-from megakd.configs import DataConfig, parse_blend
+from megakd.configs import ConfigError, DataConfig, pad_vocab_size, parse_blend
 from megakd.data.chat_dataset import ChatDataset, ChatDatasetConfig
 from megakd.data.tokenizers import load_tokenizer
 
@@ -23,6 +24,28 @@ def build_tokenizer(data: DataConfig):
     NullTokenizer (ids are the text) has ``--vocab-size`` + 1 tokens: Megatron appends EOD.
     """
     return load_tokenizer(data.tokenizer_type, data.tokenizer_model, data.vocab_size)
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """The tokenizer's tokens and the embedding/output rows both models are built with."""
+
+    valid: int  # real tokens; ids >= valid are padding, masked in every softmax
+    padded: int  # rows of the embedding and output layer (a multiple of TP)
+
+
+def build_tokenizer_and_vocabulary(data: DataConfig, tensor_parallel_size: int
+                                   ) -> Tuple[object, Vocabulary]:
+    """The run's tokenizer, and its vocabulary padded as ``--padded-vocab-size`` or Megatron's
+    rule (a multiple of ``--make-vocab-size-divisible-by`` x TP)."""
+    tokenizer = build_tokenizer(data)
+    valid = tokenizer.vocab_size
+    padded = data.padded_vocab_size or pad_vocab_size(
+        valid, data.make_vocab_size_divisible_by, tensor_parallel_size)
+    if padded < valid:
+        raise ConfigError(f"--padded-vocab-size={padded} is smaller than the tokenizer's "
+                          f"vocabulary ({valid})")
+    return tokenizer, Vocabulary(valid=valid, padded=padded)
 
 
 def _common_config(data: DataConfig, tokenizer, seed: int) -> dict:

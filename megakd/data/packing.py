@@ -11,7 +11,7 @@ causal attention mask, so packed conversations see exactly what they would see a
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -86,3 +86,42 @@ def block_causal_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
     seq = document_ids.shape[-1]
     causal = torch.ones(seq, seq, dtype=torch.bool, device=document_ids.device).tril()
     return ~(same_document & causal).unsqueeze(1)
+
+
+def last_response(tokens: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor
+                  ) -> Optional[Tuple[List[int], List[int]]]:
+    """``(prompt ids, reference response ids)`` of a sample's last answer (``[s]`` rows of a
+    chat sample): the prompt is every token up to the answer's first one. None when the
+    sample holds no response token."""
+    positions = torch.nonzero(loss_mask > 0).flatten().tolist()
+    if not positions:
+        return None
+    end = positions[-1] + 1
+    start = end - 1
+    while start > 0 and loss_mask[start - 1] > 0:
+        start -= 1
+    # label `start` is the answer's first token, so the prompt ends with input token `start`
+    return tokens[:start + 1].tolist(), labels[start:end].tolist()
+
+
+def generated_sample(prompt: Sequence[int], response: Sequence[int],
+                     seq_length: int) -> Dict[str, torch.Tensor]:
+    """A sample of ``seq_length`` positions holding ``prompt`` + a generated ``response``:
+    ``kd_mask`` marks the response's labels (the KD term's tokens), ``loss_mask`` is all zero
+    (the student's own samples carry no CE), ``prompt_mask`` marks the prompt's labels."""
+    ids = numpy.asarray(list(prompt) + list(response), dtype=numpy.int64)
+    size = num_positions(len(ids), seq_length)
+    tokens = numpy.full(seq_length, PAD_TOKEN_ID, dtype=numpy.int64)
+    labels = numpy.full(seq_length, PAD_TOKEN_ID, dtype=numpy.int64)
+    tokens[:size], labels[:size] = ids[:size], ids[1:size + 1]
+    label_index = numpy.arange(seq_length)
+    is_response = (label_index >= len(prompt) - 1) & (label_index < size)
+    is_prompt = label_index < min(len(prompt) - 1, size)
+    return {
+        "tokens": torch.from_numpy(tokens),
+        "labels": torch.from_numpy(labels),
+        "loss_mask": torch.zeros(seq_length, dtype=torch.float32),
+        "kd_mask": torch.from_numpy(is_response.astype(numpy.float32)),
+        "prompt_mask": torch.from_numpy(is_prompt.astype(numpy.float32)),
+        "position_ids": torch.arange(seq_length, dtype=torch.int64),
+    }

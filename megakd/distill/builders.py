@@ -1,46 +1,17 @@
-"""What both a training run and the teacher-cache precompute build: the tokenizer and the
-vocabulary widths, the train/validation datasets, and the frozen teacher loaded from disk."""
+"""What both a training run and the teacher-cache precompute build: the train/validation
+datasets and the frozen teacher loaded from disk (the tokenizer and vocabulary widths:
+:func:`megakd.data.build_tokenizer_and_vocabulary`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
-from megakd.configs import (
-    ConfigError,
-    DataConfig,
-    ModelArchConfig,
-    ParallelConfig,
-    RuntimeConfig,
-    pad_vocab_size,
-)
-from megakd.data import build_gpt_datasets, build_tokenizer
+from megakd.configs import DataConfig, ModelArchConfig, ParallelConfig, RuntimeConfig
+from megakd.data import Vocabulary, build_gpt_datasets
 from megakd.formats.checkpoints import load_model_weights
 from megakd.models import build_teacher
-
-
-@dataclass(frozen=True)
-class Vocabulary:
-    """The tokenizer's tokens and the embedding/output rows both models are built with."""
-
-    valid: int  # real tokens; ids >= valid are padding, masked in every softmax
-    padded: int  # rows of the embedding and output layer (a multiple of TP)
-
-
-def build_tokenizer_and_vocabulary(data: DataConfig, tensor_parallel_size: int
-                                   ) -> Tuple[object, Vocabulary]:
-    """The run's tokenizer, and its vocabulary padded as ``--padded-vocab-size`` or Megatron's
-    rule (a multiple of ``--make-vocab-size-divisible-by`` x TP)."""
-    tokenizer = build_tokenizer(data)
-    valid = tokenizer.vocab_size
-    padded = data.padded_vocab_size or pad_vocab_size(
-        valid, data.make_vocab_size_divisible_by, tensor_parallel_size)
-    if padded < valid:
-        raise ConfigError(f"--padded-vocab-size={padded} is smaller than the tokenizer's "
-                          f"vocabulary ({valid})")
-    return tokenizer, Vocabulary(valid=valid, padded=padded)
 
 
 def build_datasets(data: DataConfig, tokenizer, seed: int, train_samples: int,

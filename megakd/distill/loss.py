@@ -78,6 +78,7 @@ class DistillationLoss:
         ce_mask = batch.loss_mask.float()
         reported: Dict[str, torch.Tensor] = {}
         total = student_logits.new_zeros((), dtype=torch.float32)
+        kd_mask = ce_mask  # the KD term's tokens, when there is a teacher
 
         # KD first: megatron's own CE works in place on fp32 logits (DESIGN.md); ours does not,
         # but keeping this order makes the loss safe with either.
@@ -98,9 +99,11 @@ class DistillationLoss:
         reported["lm loss"] = torch.stack([ce_sum.detach(), ce_mask.sum()])
 
         # The schedule divides gradients by sum(num_tokens) over microbatches and DP ranks;
-        # report counts of the anchor mask and pre-multiply by its global total.
-        anchor_mask, anchor_total = (
-            (ce_mask, counts.ce_tokens) if weight < 1.0 else (kd_mask, counts.kd_tokens)
-        )
+        # report counts of the anchor mask and pre-multiply by its global total. The anchor is
+        # the CE mask unless the iteration has no CE tokens (pure KD, or only the student's
+        # own samples): it must be a mask with tokens, the same for the whole iteration.
+        use_ce = weight < 1.0 and counts.ce_tokens > 0
+        anchor_mask, anchor_total = ((ce_mask, counts.ce_tokens) if use_ce
+                                     else (kd_mask, counts.kd_tokens))
         num_tokens = anchor_mask.sum().to(torch.int)
         return total * anchor_total, num_tokens, reported

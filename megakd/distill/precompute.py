@@ -23,12 +23,8 @@ from typing import Callable, List
 import torch
 
 from megakd.configs import ConfigError, PrecomputeRunConfig
-from megakd.data import iteration_microbatches
-from megakd.distill.builders import (
-    build_datasets,
-    build_loaded_teacher,
-    build_tokenizer_and_vocabulary,
-)
+from megakd.data import build_tokenizer_and_vocabulary, iteration_microbatches
+from megakd.distill.builders import build_datasets, build_loaded_teacher
 from megakd.distill.teachers import LiveTeacher
 from megakd.formats.cache.manifest import (
     MANIFEST_FILENAME,

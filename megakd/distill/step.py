@@ -12,16 +12,19 @@ from megakd.data import Microbatch
 from megakd.distill.loss import DistillationLoss, GlobalTokenCounts, count_global_tokens
 from megakd.distill.schedules import forward_backward_func, microbatch_iterators
 from megakd.distill.teachers import TeacherOutput, TeacherSource
+from megakd.distill.window import WindowedGradients, windows
 
 
 class DistillationStep:
     """Runs forward and backward for one iteration's microbatches on this rank.
 
-    The teacher source (when the KD weight is > 0) produces its outputs first (a live teacher
-    runs forward-only); the student then runs megatron-core's forward-backward schedule with
-    :class:`DistillationLoss` on its last stage. Gradients are left in the DDP buffers, finalized
-    (DP all-reduce, token scaling) by megatron-core's ``finalize_model_grads``; the optimizer
-    step is the caller's.
+    Per teacher window of ``window`` microbatches (:mod:`megakd.distill.window`; all of them
+    unless ``--kd-teacher-window`` or its auto choice splits the iteration): the teacher source
+    (when the KD weight is > 0) produces the window's outputs (a live teacher runs
+    forward-only), then the student runs megatron-core's forward-backward schedule over the
+    window with :class:`DistillationLoss` on its last stage. Gradients accumulate in the DDP
+    buffers and are finalized (DP all-reduce, token scaling) once per iteration by
+    megatron-core's ``finalize_model_grads``; the optimizer step is the caller's.
     """
 
     def __init__(
@@ -32,6 +35,7 @@ class DistillationStep:
         seq_length: int,
         micro_batch_size: int,
         dp_group,
+        window: Optional[int] = None,
     ) -> None:
         self.student_chunks = student_chunks
         self.teacher = teacher
@@ -39,8 +43,10 @@ class DistillationStep:
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
         self.dp_group = dp_group
+        self.window = window  # microbatches per teacher window; None: the whole iteration
+        self.gradients = WindowedGradients(student_chunks)
 
-    def _student_forward_step(self, teacher_outputs: List[TeacherOutput],
+    def _student_forward_step(self, teacher_outputs: Dict[int, TeacherOutput],
                               counts: GlobalTokenCounts, data_iterator: Iterator[Microbatch],
                               model: torch.nn.Module):
         batch = next(data_iterator)
@@ -55,19 +61,32 @@ class DistillationStep:
 
         Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch.
         ``timers`` (megatron-core ``Timers``) times ``teacher-forward`` and ``forward-backward``
-        (the student's schedule, loss included).
+        (the student's schedule, loss included), summed over windows.
         """
-        with _timed(timers, "teacher-forward"):
-            teacher_outputs = self.teacher.outputs(microbatches) if self.teacher else []
         counts = count_global_tokens(microbatches, self.loss.kd, self.dp_group)
+        groups = list(windows(microbatches, self.window or len(microbatches)))
+        reported: List[Dict[str, torch.Tensor]] = []
+        for number, window in enumerate(groups):
+            last = number == len(groups) - 1
+            with self.gradients.window(last) if not forward_only else contextlib.nullcontext():
+                reported += self._run_window(window, counts, forward_only, timers)
+        return reported
+
+    def _run_window(self, window: Sequence[Microbatch], counts: GlobalTokenCounts,
+                    forward_only: bool, timers) -> List[Dict[str, torch.Tensor]]:
+        """The teacher's outputs for ``window`` (held only while it runs), then the student's
+        schedule over it."""
+        with _timed(timers, "teacher-forward"):
+            outputs = self.teacher.outputs(window) if self.teacher else []
+        teacher_outputs = {batch.index: output for batch, output in zip(window, outputs)}
         step = functools.partial(self._student_forward_step, teacher_outputs, counts)
         num_chunks = len(self.student_chunks)
         with torch.set_grad_enabled(not forward_only), _timed(timers, "forward-backward"):
             return forward_backward_func(num_chunks)(
                 forward_step_func=step,
-                data_iterator=microbatch_iterators(microbatches, num_chunks),
+                data_iterator=microbatch_iterators(window, num_chunks),
                 model=self.student_chunks,
-                num_microbatches=len(microbatches),
+                num_microbatches=len(window),
                 seq_length=self.seq_length,
                 micro_batch_size=self.micro_batch_size,
                 forward_only=forward_only,
@@ -97,4 +116,6 @@ def reduce_reported(per_microbatch: List[Dict[str, torch.Tensor]], dp_group) -> 
     ]).double()  # [names, 2]: (sum, count)
     if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
         torch.distributed.all_reduce(sums, group=dp_group)
-    return {name: (sums[i, 0] / sums[i, 1].clamp(min=1)).item() for i, name in enumerate(names)}
+    # a loss with no token in the whole batch (CE when every answer is the student's) is absent
+    return {name: (sums[i, 0] / sums[i, 1]).item() for i, name in enumerate(names)
+            if sums[i, 1] > 0}

@@ -59,6 +59,21 @@ def arch_from_metadata(metadata: dict, source: str = "checkpoint"
 # ----------------------------------------------------------------------------------------------
 
 
+def null_tokenizer_vocab_size(metadata: dict) -> Optional[int]:
+    """The ``--vocab-size`` under which a NullTokenizer (ids ``0..N``, ``N`` the end of
+    document) covers this model's vocabulary: a converted model's HF vocabulary (its last id
+    becomes EOD), else its tokenizer's size minus one, else the ``--vocab-size`` it was trained
+    with. None when the metadata records none of them."""
+    converted = (metadata.get("hf") or {}).get("vocab_size")
+    if converted:
+        return int(converted) - 1
+    tokenizer = metadata.get("tokenizer") or {}
+    if tokenizer.get("vocab_size"):
+        return int(tokenizer["vocab_size"]) - 1
+    stored = (metadata.get("architecture") or {}).get("vocab_size")
+    return int(stored) if stored else None
+
+
 def _token_list(tokenizer) -> Optional[Dict[str, int]]:
     for name in ("get_vocab", "vocab"):
         vocab = getattr(tokenizer, name, None)

@@ -1,21 +1,32 @@
 """Vocab-parallel distillation losses (see docs/losses.md).
 
-Every function takes this rank's vocab shard of the logits (``[s, b, V/tp]``) and the
-tensor-parallel group, communicates only per-token scalars (or ``k`` per-token candidates for
-top-k), and returns per-token fp32 values ``[s, b]`` that the caller masks and reduces.
+Every function takes this rank's vocab shard of the logits (``[b, s, V/tp]``; any leading
+dims) and the tensor-parallel group, communicates only per-token scalars (or ``k`` per-token
+candidates for top-k), and returns per-token fp32 values ``[b, s]`` that the caller masks and
+reduces. The divergence kinds are a registry (``DIVERGENCES``), one module per kind in
+``megakd/losses/divergences/``.
 """
 
-from ._kernels import AKL_EPS, DIVERGENCE_KINDS, DivergenceSpec
+from megakd.formats.topk import TeacherTopK, topk_bytes_per_token
+
 from .cross_entropy import vocab_parallel_cross_entropy
-from .divergences import vocab_parallel_divergence
-from .topk import TOPK_DTYPES, TeacherTopK, teacher_topk, topk_bytes_per_token, topk_divergence
+from .dense import vocab_parallel_divergence
+from .divergences import (
+    DIVERGENCES,
+    Divergence,
+    Parameter,
+    divergence_parameters,
+    make_divergence,
+)
+from .topk import teacher_topk, topk_divergence
 
 __all__ = [
-    "AKL_EPS",
-    "DIVERGENCE_KINDS",
-    "DivergenceSpec",
-    "TOPK_DTYPES",
+    "DIVERGENCES",
+    "Divergence",
+    "Parameter",
     "TeacherTopK",
+    "divergence_parameters",
+    "make_divergence",
     "teacher_topk",
     "topk_bytes_per_token",
     "topk_divergence",

@@ -1,4 +1,5 @@
-"""Vocab-parallel plumbing shared by every loss: shard bounds, row chunking, reductions.
+"""Vocab-parallel plumbing shared by every loss: shard bounds, row chunking, reductions, and
+accurate log-normalisers.
 
 A tensor-parallel rank ``r`` of a group of size ``tp`` holds the contiguous vocab shard
 ``[r * Vl, (r + 1) * Vl)`` of the (padded) vocabulary, ``Vl = V_padded / tp``. Megatron pads the
@@ -7,14 +8,27 @@ vocabulary at its end, so the *valid* entries of every shard form a prefix of th
 ``x[:, :n_valid]`` and never needs a padding mask; a shard that is entirely padding has
 ``n_valid == 0`` and still takes part in every collective.
 
-Only per-token values cross ranks here: ``[N]`` maxima and sums (all-reduce) and ``[N, k]``
-candidates (all-gather). Full-vocab temporaries are processed in row chunks of at most
-``CHUNK_ELEMENTS`` elements so that no pass allocates another copy of the ``[N, Vl]`` shard.
+Only per-token values cross ranks here: ``[N]`` / ``[N, 2]`` maxima and sums (all-reduce) and
+``[N, k]`` candidates (all-gather). Full-vocab temporaries are processed in row chunks of at
+most ``CHUNK_ELEMENTS`` elements so that no pass allocates another copy of the ``[N, Vl]``
+shard.
+
+Log-probs are computed as ``(x - max) - log_sum`` from a ``Normalizer`` that keeps the row max
+and ``log_sum = log1p(mass outside the max, relative to the max's)`` apart. Unlike
+``x - logsumexp(x)``, this has relative accuracy everywhere: no rounding of the (large)
+log-normaliser, and the log-prob of a saturated token (~ -1e-12) is exact instead of 0. The
+``Normalizer`` also flags the rows whose dominant token (softmax > 1/2) is in this shard, where
+gradients are completed to sum to zero (``complete_zero_sum_``).
+
+Precision rule of every loss: vocab-sized math (``[N, V/tp]`` chunks) in fp32, per-token
+math (``[N]`` scalars, ``[N, k + 1]`` top-k buckets) and its all-reduces in float64; the
+latter costs nothing measurable and removes the rounding of every step after the vocab sums.
 """
 
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -27,6 +41,7 @@ CHUNK_ELEMENTS: int = 1 << 18
 MIN_CHUNK_ELEMENTS: int = 1 << 16
 
 NEG_INF = float("-inf")
+LOG_2 = 0.6931471805599453  # log_sum < log 2 <=> the max entry's softmax is > 1/2
 # Tempered logits are clamped to +-LOGIT_LIMIT: -inf (masked) logits become a finite, vanishing
 # log-prob, and no difference of two log-probs can overflow fp32.
 LOGIT_LIMIT = 1e30
@@ -137,67 +152,122 @@ def _set_cols_(t: torch.Tensor, cols: torch.Tensor, value: float) -> None:
         t[rows[hit], cols[hit]] = value
 
 
-def local_logsumexp_stats(
-    x: torch.Tensor,
-    temperature: float = 1.0,
-    exclude_cols: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-row local (max m, sum of exp(x'/T - m)) of ``x`` ``[N, n]`` (x' = clamped x).
+@dataclass
+class Normalizer:
+    """Per-row log-normaliser of ``x = clamp(z / T)`` over the valid columns of all shards,
+    ``logsumexp = max + log_sum``, kept in two parts for accuracy (module docstring)."""
 
-    ``exclude_cols`` (``[N, k]`` local columns, -1 = none) are left out of both. A row with
-    no entries gives ``m = -inf, s = 0``. Works chunk by chunk on fp32 temporaries; ``x`` is
-    never modified. Nothing is communicated.
-    """
+    max: torch.Tensor  # [N] fp32 global row max (-inf: the row has no columns anywhere)
+    log_sum: torch.Tensor  # [N] float64 log(Sum exp(x - max)) >= 0 (-inf: no columns)
+    # [N] bool: this shard holds the row's max and its softmax is > 1/2 (a dominant token)
+    dominant: Optional[torch.Tensor] = None
+
+    def log_probs(self, x: torch.Tensor, rows: slice, temperature: float) -> torch.Tensor:
+        """fp32 log-probs ``(x[rows] / T - max) - log_sum`` of a row chunk (a new tensor)."""
+        t = scaled_fp32(x[rows], temperature).sub_(self.max[rows].unsqueeze(-1))
+        return t.sub_(self.log_sum[rows].float().unsqueeze(-1))
+
+
+def _local_stats(
+    x: torch.Tensor, temperature: float, exclude_cols: Optional[torch.Tensor]
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-row local max ``m`` (fp32) and ``s = Sum exp(x - m)`` accumulated in float64, of
+    ``x`` ``[N, n]``, chunk by chunk on fp32 temporaries; nothing communicated. The max's own
+    term is exactly 1, so ``s - 1`` keeps the other terms to float64 rounding."""
     n_rows, n_cols = x.shape
     m = torch.full((n_rows,), NEG_INF, dtype=torch.float32, device=x.device)
-    s = torch.zeros((n_rows,), dtype=torch.float32, device=x.device)
-    if n_cols == 0:
-        return m, s
-    for sl in row_chunks(n_rows, n_cols):
+    s = torch.zeros((n_rows,), dtype=torch.float64, device=x.device)
+    for sl in row_chunks(n_rows, n_cols) if n_cols > 0 else ():
         t = scaled_fp32(x[sl], temperature)
         if exclude_cols is not None:
             _set_cols_(t, exclude_cols[sl], NEG_INF)
         m_c = t.amax(dim=-1)
-        m_safe = torch.where(torch.isfinite(m_c), m_c, torch.zeros_like(m_c))
         m[sl] = m_c
-        s[sl] = t.sub_(m_safe.unsqueeze(-1)).exp_().sum(dim=-1)
+        t.sub_(torch.where(torch.isfinite(m_c), m_c, torch.zeros_like(m_c)).unsqueeze(-1))
+        s[sl] = t.exp_().sum(dim=-1, dtype=torch.float64)
     return m, s
 
 
-def combine_logsumexp(
-    m: torch.Tensor, s: torch.Tensor, group: Optional[dist.ProcessGroup]
-) -> torch.Tensor:
-    """Global per-row logsumexp from per-rank ``(m, s)``; all-reduces ``[N]`` max and sum.
+def normalizer(
+    x: torch.Tensor,
+    temperature: float,
+    group: Optional[dist.ProcessGroup],
+    exclude_cols: Optional[torch.Tensor] = None,
+) -> Normalizer:
+    """The ``Normalizer`` of ``x / T`` ``[N, n_valid]`` (any float dtype; not modified).
 
-    Returns ``-inf`` for rows with no entries on any rank.
+    ``exclude_cols`` (``[N, k]`` local columns, -1 = none) are left out. Communicates one
+    ``[N]`` fp32 MAX and one ``[N, 2]`` float64 SUM all-reduce: the number of shards holding
+    the max, and the rescaled sums with the max's own 1 taken out, so that ``log_sum`` is
+    ``log1p`` of the mass outside the max (exact where the max saturates).
     """
+    m, s = _local_stats(x, temperature, exclude_cols)
     g_max = all_reduce_(m.clone(), group, op="max")
-    g_safe = torch.where(torch.isfinite(g_max), g_max, torch.zeros_like(g_max))
-    scaled = torch.where(s > 0, s * torch.exp(m - g_safe), torch.zeros_like(s))
-    all_reduce_(scaled, group, op="sum")
-    return g_safe + torch.log(scaled)
+    here = (m == g_max) & (s > 0)
+    safe = torch.where(torch.isfinite(g_max), g_max, torch.zeros_like(g_max))
+    others = torch.exp((m - safe).double()).mul_(s)  # this shard's mass relative to exp(max)
+    sums = torch.stack([here.double(), torch.where(here, s - 1.0, others)], dim=-1)
+    all_reduce_(sums, group, op="sum")
+    n_here, rest = sums.unbind(-1)
+    log_sum = torch.log1p((n_here - 1.0) + rest)  # -inf for rows without columns
+    return Normalizer(g_max, log_sum, here & (log_sum < LOG_2))
 
 
-def vocab_parallel_logsumexp(
-    x: torch.Tensor, temperature: float, group: Optional[dist.ProcessGroup]
-) -> torch.Tensor:
-    """Per-row log-normalizer ``[N]`` of ``x / T`` over the valid columns of all shards.
+def log_softmax_rows(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Accurate ``log_softmax`` of complete float64 rows ``[N, c]`` (at least one finite entry
+    per row) and each row's column of its dominant entry (softmax > 1/2; -1 if none)."""
+    m, col = x.max(dim=-1)
+    t = x - m.unsqueeze(-1)
+    log_sum = torch.log1p(t.exp().sum(-1) - 1.0)  # the max's term is exactly 1
+    top = torch.where(log_sum < LOG_2, col, torch.full_like(col, -1))
+    return t.sub_(log_sum.unsqueeze(-1)), top
 
-    ``x`` is the ``[N, n_valid]`` view of this rank's logits (any float dtype; not modified).
-    Communicates two ``[N]`` all-reduces.
+
+def complete_zero_sum_(grad: torch.Tensor, top_col: torch.Tensor) -> torch.Tensor:
+    """``grad[i, top_col[i]] = -(sum of the row's other entries)`` where ``top_col >= 0``.
+
+    The gradient of any function of softmax(x) sums to zero over the row. At a dominant
+    token (q_c > 1/2) analytic formulas ``a_c - q_c Sum_j a_j`` cancel, by a factor that grows
+    as 1 / (1 - q_c) when the student saturates; the other entries carry no such cancellation.
     """
-    return combine_logsumexp(*local_logsumexp_stats(x, temperature), group)
+    rows = torch.nonzero(top_col >= 0, as_tuple=True)[0]
+    if rows.numel():
+        cols = top_col[rows]
+        grad[rows, cols] = 0.0
+        grad[rows, cols] = -grad[rows].sum(-1)
+    return grad
 
 
-def log_probs_chunk(
-    x: torch.Tensor, rows: slice, temperature: float, lse: torch.Tensor
-) -> torch.Tensor:
-    """fp32 log-probs ``x[rows] / T - lse[rows]`` of one row chunk (a new tensor)."""
-    return scaled_fp32(x[rows], temperature).sub_(lse[rows].unsqueeze(-1))
+class ShardLogProbs:
+    """Log-probs ``log softmax(z / T)`` of one side on this rank's valid columns, produced row
+    chunk by row chunk (never whole), and the all-reduce of its tensor-parallel group."""
 
+    def __init__(self, logits: torch.Tensor, temperature: float,
+                 group: Optional[dist.ProcessGroup], norm: Optional[Normalizer] = None) -> None:
+        self.logits = logits  # [N, n_valid] view of the caller's shard (not modified)
+        self.temperature = temperature
+        self.group = group
+        self.norm = normalizer(logits, temperature, group) if norm is None else norm
 
-def log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """``log(1 - exp(x))`` for ``x <= 0``, accurate everywhere (``-inf -> 0``)."""
-    return torch.where(
-        x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x))
-    )
+    @property
+    def n_rows(self) -> int:
+        return self.logits.shape[0]
+
+    @property
+    def n_cols(self) -> int:
+        return self.logits.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.logits.device
+
+    def chunks(self) -> Iterator[slice]:
+        """Row slices covering all rows; none when this shard has no valid columns."""
+        return row_chunks(self.n_rows, self.n_cols) if self.n_cols > 0 else iter(())
+
+    def log_probs(self, rows: slice) -> torch.Tensor:
+        """fp32 ``[rows, n_valid]`` log-probs (a new tensor)."""
+        return self.norm.log_probs(self.logits, rows, self.temperature)
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        return all_reduce_(tensor, self.group, op=op)

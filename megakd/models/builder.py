@@ -4,7 +4,8 @@ A model is always a list of chunks, one per virtual pipeline stage held by this 
 chunk without virtual pipelining), as megatron-core's schedules expect. The layer spec is
 Transformer Engine's when TE imports, the local (pure PyTorch) spec otherwise, whose core
 attention is PyTorch's SDPA (:mod:`megakd.models.attention`) unless ``--attention-backend``
-asks for megatron's unfused ``DotProductAttention``.
+asks for megatron's unfused ``DotProductAttention``. Models with ``--num-experts`` get
+megatron-core's MoE layers in every layer (:mod:`megakd.models.moe`).
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megakd.configs import ATTENTION_BACKENDS, ModelArchConfig, ParallelConfig
+from megakd.configs import ATTENTION_BACKENDS, ConfigError, ModelArchConfig, ParallelConfig
+from megakd.configs.rules import moe_student_rules
 from megakd.models.attention import SDPADotProductAttention
+from megakd.models.moe import moe_config_fields
 from megakd.models.norms import TorchNorm
 
 
@@ -42,23 +45,25 @@ def transformer_config_from_arch(
     attention_dropout: float = 0.0,
     params_dtype: Optional[torch.dtype] = None,
     perform_initialization: bool = True,
+    moe_grouped_gemm: bool = False,
 ):
     """Megatron ``TransformerConfig`` for one architecture at this run's parallel layout.
 
     ``params_dtype`` overrides ``bf16`` (the converters build fp16/bf16/fp32 models);
-    ``perform_initialization=False`` leaves weights uninitialised (they are about to be loaded).
+    ``perform_initialization=False`` leaves weights uninitialised (they are about to be loaded);
+    ``moe_grouped_gemm``: experts as one Transformer Engine grouped GEMM (TE spec only).
     """
     dtype = params_dtype or (torch.bfloat16 if bf16 else torch.float32)
     with warnings.catch_warnings():
         # megatron-core 0.16 warns about its own default cuda_graph_scope on every config.
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         return _transformer_config(arch, parallel, dtype, hidden_dropout, attention_dropout,
-                                   perform_initialization)
+                                   perform_initialization, moe_grouped_gemm)
 
 
 def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: torch.dtype,
                         hidden_dropout: float, attention_dropout: float,
-                        perform_initialization: bool):
+                        perform_initialization: bool, moe_grouped_gemm: bool):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -93,7 +98,13 @@ def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: 
         # (silently: both are [s, b, h]). Megatron-LM's VPP default is unbatched p2p too.
         batch_p2p_comm=parallel.virtual_pipeline_size(arch.num_layers) is None,
         perform_initialization=perform_initialization,
+        **moe_config_fields(arch, parallel, grouped_gemm=moe_grouped_gemm),
     )
+
+
+def _uses_transformer_engine(attention_backend: str) -> bool:
+    """Whether ``--attention-backend`` selects Transformer Engine's spec here."""
+    return attention_backend == "auto" and transformer_engine_available()
 
 
 def _layer_spec(arch: ModelArchConfig, attention_backend: str = "auto"):
@@ -102,18 +113,21 @@ def _layer_spec(arch: ModelArchConfig, attention_backend: str = "auto"):
     ``auto``: Transformer Engine's spec when TE is available, else megatron-core's local spec
     with :class:`~megakd.models.attention.SDPADotProductAttention` (``sdpa``). ``sdpa``,
     ``unfused`` and ``local`` always use the local spec; ``unfused``/``local`` keep megatron's
-    ``DotProductAttention`` (baddbmm + softmax + bmm).
+    ``DotProductAttention`` (baddbmm + softmax + bmm). MoE layers: ``TEGroupedMLP`` experts
+    with TE, ``SequentialMLP`` of local linears otherwise (same checkpoint keys).
     """
     from megatron.core.models.gpt import gpt_layer_specs
 
     if attention_backend not in ATTENTION_BACKENDS:
         raise ValueError(f"attention backend must be one of {ATTENTION_BACKENDS}, "
                          f"got {attention_backend!r}")
-    if attention_backend == "auto" and transformer_engine_available():
+    if _uses_transformer_engine(attention_backend):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(
+            num_experts=arch.num_experts, moe_grouped_gemm=arch.is_moe,
             qk_layernorm=arch.qk_layernorm
         )
     spec = gpt_layer_specs.get_gpt_layer_local_spec(
+        num_experts=arch.num_experts, moe_grouped_gemm=False,
         qk_layernorm=arch.qk_layernorm, normalization=arch.normalization
     )
     # get_gpt_layer_local_spec builds a new spec on every call: replacing its slots is local.
@@ -165,8 +179,10 @@ def build_gpt_chunks(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = transformer_config_from_arch(arch, parallel, bf16=bf16, params_dtype=params_dtype,
-                                          perform_initialization=perform_initialization)
+    config = transformer_config_from_arch(
+        arch, parallel, bf16=bf16, params_dtype=params_dtype,
+        perform_initialization=perform_initialization,
+        moe_grouped_gemm=arch.is_moe and _uses_transformer_engine(attention_backend))
     spec = _layer_spec(arch, attention_backend)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -198,7 +214,11 @@ def build_gpt_chunks(
 
 def build_student(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None,
                   attention_backend="auto"):
-    """Trainable student chunks (not yet wrapped in DDP)."""
+    """Trainable student chunks (not yet wrapped in DDP). A MoE student at TP > 1 needs
+    sequence parallelism (ConfigError naming the flag, before anything is built)."""
+    problems = moe_student_rules(arch, parallel)
+    if problems:
+        raise ConfigError("; ".join(problems))
     chunks = build_gpt_chunks(arch, parallel, padded_vocab_size, max_sequence_length,
                               bf16=bf16, device=device, attention_backend=attention_backend)
     for chunk in chunks:

@@ -13,8 +13,9 @@ from typing import List, Mapping, Optional, Tuple
 import torch
 
 from megakd.configs import CheckpointConfig, ConfigError, DataConfig, KDConfig, LoggingConfig
-from megakd.configs import RuntimeConfig, TrainingConfig, parse_blend
+from megakd.configs import RuntimeConfig, TeacherFP8Config, TrainingConfig, parse_blend
 from megakd.data.chat_format import ChatFormatError, ChatKeys, iter_conversations
+from megakd.data.chat_template import split_prompt, tokenize_prompt
 from megakd.data.tokenizers import load_tokenizer
 from megakd.formats.cache.manifest import INDEX_FILENAME, CacheManifest, manifest_mismatches
 from megakd.formats.checkpoints import (
@@ -25,6 +26,7 @@ from megakd.formats.checkpoints import (
 )
 from megakd.formats.model_metadata import describe_tokenizer, same_tokenizer, tokenizer_identity
 from megakd.formats.root_lock import live_foreign_owner, owned_elsewhere
+from megakd.models import transformer_engine_available
 from megakd.preflight.archs import stored_model_metadata
 
 
@@ -161,3 +163,63 @@ def environment_checks(runtime: RuntimeConfig, logging_config: Optional[LoggingC
             errors.append("--wandb-project needs the wandb package: pip install wandb "
                           "(or pip install megakd[wandb])")
     return errors
+
+
+def teacher_fp8_checks(fp8: TeacherFP8Config, live_teacher: bool) -> List[str]:
+    """``--teacher-fp8-format`` needs a live teacher and Transformer Engine on a GPU (the FP8
+    GEMMs are Transformer Engine's; megatron-core's local layers have none)."""
+    if not fp8.enabled:
+        return []
+    flag = f"--teacher-fp8-format {fp8.format}"
+    if not live_teacher:
+        return [f"{flag}: this run has no live teacher (--kd-loss-weight 0 or --teacher-cache)"]
+    if not transformer_engine_available():
+        return [f"{flag}: FP8 execution needs Transformer Engine on a CUDA device, which does "
+                "not import here (NGC PyTorch container, or pip install "
+                "transformer_engine[pytorch])"]
+    return []
+
+
+PROMPTS_CHECKED = 1000  # prompts per chat file whose room for new tokens the preflight checks
+
+
+def prompt_room_checks(data: DataConfig, tokenizer) -> List[str]:
+    """Every prompt among the first ``PROMPTS_CHECKED`` of each chat file leaves room for at
+    least one new token in ``--seq-length`` (a sample's prompt that leaves none later keeps its
+    reference answer). Reads and tokenizes those conversations."""
+    if data.data_path is None or data.dataset_format != "chat":
+        return []
+    prefixes, _ = parse_blend(data.data_path)
+    keys = ChatKeys(data.messages_key, data.prompt_key, data.response_key)
+    for path in prefixes:
+        for line, messages in enumerate(iter_conversations(path, keys), start=1):
+            if line > PROMPTS_CHECKED:
+                break
+            prompt, _ = split_prompt(messages)
+            length = len(tokenize_prompt(tokenizer, prompt))
+            if length >= data.seq_length:
+                return [f"--seq-length {data.seq_length} leaves no room for new tokens after "
+                        f"the prompt of conversation {line} of {path} ({length} tokens): raise "
+                        "--seq-length or shorten the prompts"]
+    return []
+
+
+def prompts_file_checks(path: str, data: DataConfig) -> List[str]:
+    """``--prompts`` is a readable chat JSONL file of prompts (every line checked)."""
+    keys = ChatKeys(data.messages_key, data.prompt_key, data.response_key)
+    try:
+        if sum(1 for _ in iter_conversations(path, keys, prompts_only=True)) == 0:
+            return [f"--prompts {path}: no prompts"]
+    except ChatFormatError as error:
+        return [f"--prompts {error}"]
+    return []
+
+
+def output_dir_checks(path: str) -> List[str]:
+    """``--output`` is a directory or can become one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        return [f"--output {path}: exists and is not a directory"]
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.exists(path) and not os.access(parent, os.W_OK):
+        return [f"--output {path}: cannot create it (no write access to {parent})"]
+    return []

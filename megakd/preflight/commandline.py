@@ -15,11 +15,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 from megakd.configs import (
+    BatchGenerationConfig,
     CheckpointConfig,
     ConfigError,
     DataConfig,
     EvalConfig,
     Flag,
+    GenerateRunConfig,
+    GenerationConfig,
     KDConfig,
     KDRunConfig,
     LoggingConfig,
@@ -28,6 +31,8 @@ from megakd.configs import (
     PrecomputeConfig,
     PrecomputeRunConfig,
     RuntimeConfig,
+    StudentDataConfig,
+    TeacherFP8Config,
     TrainingConfig,
     check_bounds,
     rules,
@@ -42,9 +47,10 @@ from megakd.configs.cli import (
     section_options,
     section_values,
 )
+from megakd.formats.model_metadata import null_tokenizer_vocab_size
 from megakd.losses import DIVERGENCES, divergence_parameters
 from megakd.preflight import checks
-from megakd.preflight.archs import GROUP_QUERY_ATTENTION, resolve_archs
+from megakd.preflight.archs import GROUP_QUERY_ATTENTION, resolve_archs, stored_model_metadata
 from megakd.runtime.launcher import discover_world_size
 
 _MODEL = ("seq_length", "max_position_embeddings")
@@ -102,10 +108,13 @@ PRETRAIN = Tool(
                 fields=_TEACHER_DATA),
         Section("teacher model (unset fields default to the student's)", CheckpointConfig,
                 fields=_TEACHER_CHECKPOINT),
+        Section("teacher model (unset fields default to the student's)", TeacherFP8Config),
         Section("parallelism", ParallelConfig),
         Section("training", TrainingConfig),
         Section("data", DataConfig, fields=_DATA),
         Section(KD, KDConfig),
+        Section("the student's own samples (docs/on_policy.md)", StudentDataConfig),
+        Section("generation (student samples, --eval-generate)", GenerationConfig),
         Section("checkpoints", CheckpointConfig, fields=_CHECKPOINT),
         Section("validation and logging", EvalConfig),
         Section("validation and logging", LoggingConfig),
@@ -129,6 +138,7 @@ PRECOMPUTE = Tool(
                     ("teacher_cache", "cache directory to write; a partial cache there is "
                                       "resumed"))),
         Section("teacher", DataConfig, fields=_MODEL),
+        Section("teacher", TeacherFP8Config),
         Section("parallelism", ParallelConfig, fields=(
             "tensor_model_parallel_size", "pipeline_model_parallel_size",
             "num_layers_per_virtual_pipeline_stage")),
@@ -138,6 +148,31 @@ PRECOMPUTE = Tool(
         Section("top-k", KDConfig, fields=("temperature", "topk", "topk_dtype"),
                 required=("topk",)),
         Section("cache", PrecomputeConfig),
+        Section("runtime", RuntimeConfig),
+    ),
+)
+
+
+GENERATE = Tool(
+    prog="generate.py",
+    description="Answer every prompt of a chat JSONL file with a model (any megakd checkpoint, "
+                "any TP/PP/DP layout), writing chat JSONL: sample inspection and "
+                "sequence-level KD data (docs/generation.md).",
+    models=("student",),
+    sections=(
+        Section("model", CheckpointConfig, fields=("load",), required=("load",), helps=(
+            ("load", "the model: a checkpoint root or directory (its architecture comes from "
+                     "its megakd_model.json)"),)),
+        Section("model", DataConfig, fields=_MODEL),
+        Section("parallelism", ParallelConfig, fields=(
+            "tensor_model_parallel_size", "pipeline_model_parallel_size",
+            "num_layers_per_virtual_pipeline_stage")),
+        Section("prompts", BatchGenerationConfig),
+        Section("prompts", DataConfig, fields=(
+            "messages_key", "prompt_key", "response_key", "tokenizer_type", "tokenizer_model",
+            "vocab_size", "make_vocab_size_divisible_by", "padded_vocab_size")),
+        Section("generation", GenerationConfig),
+        Section("runtime", TrainingConfig, fields=("seed", "bf16")),
         Section("runtime", RuntimeConfig),
     ),
 )
@@ -180,13 +215,26 @@ def _architectures(tool: Tool, ns: argparse.Namespace, explicit: frozenset,
     for role, fields in given.items():
         for name in fields:
             fields[name] = by_role[role][name]
+    student_checkpoints = [("--load", ckpt.load),
+                           ("--pretrained-checkpoint", ckpt.pretrained_checkpoint)]
+    teacher_checkpoints = [("--teacher-load", ckpt.teacher_load)]
+    if data.tokenizer_type == "NullTokenizer" and data.vocab_size is None:
+        data.vocab_size = _stored_vocab_size(student_checkpoints + teacher_checkpoints)
     return resolve_archs(
         by_role["student"], by_role["teacher"], given,
         bool(getattr(ns, GROUP_QUERY_ATTENTION.dest, False)),
-        student_checkpoints=[("--load", ckpt.load),
-                             ("--pretrained-checkpoint", ckpt.pretrained_checkpoint)],
-        teacher_checkpoints=[("--teacher-load", ckpt.teacher_load)],
+        student_checkpoints=student_checkpoints, teacher_checkpoints=teacher_checkpoints,
         vocab_size=data.vocab_size)
+
+
+def _stored_vocab_size(checkpoints: Sequence[Tuple[str, Optional[str]]]) -> Optional[int]:
+    """``--vocab-size`` for the NullTokenizer (``--mock-data``) from the first checkpoint whose
+    ``megakd_model.json`` records a vocabulary."""
+    for flag, path in checkpoints:
+        metadata = stored_model_metadata(path, flag)
+        if metadata is not None and null_tokenizer_vocab_size(metadata) is not None:
+            return null_tokenizer_vocab_size(metadata)
+    return None
 
 
 def _sections(tool: Tool, ns: argparse.Namespace, world_size: int) -> Dict[type, Any]:
@@ -276,10 +324,15 @@ def parse_pretrain_args(argv: Optional[Sequence[str]] = None,
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
             ("kd", KDConfig), ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
-            ("eval", EvalConfig), ("logging", LoggingConfig))})
+            ("eval", EvalConfig), ("logging", LoggingConfig),
+            ("student_data", StudentDataConfig), ("generation", GenerationConfig),
+            ("teacher_fp8", TeacherFP8Config))})
     check_pretrain_config(config)
+    _raise(checks.teacher_fp8_checks(
+        config.teacher_fp8, config.kd.uses_teacher and not config.checkpoint.teacher_cache))
     _raise(_file_checks(config.data, config.kd, config.checkpoint, config.training,
-                        config.runtime, config.logging))
+                        config.runtime, config.logging,
+                        generates=config.student_data.enabled or config.eval.generate > 0))
     return config
 
 
@@ -288,16 +341,21 @@ def check_pretrain_config(config: KDRunConfig) -> None:
     configs built in Python as well as parsed ones; reads no file. Raises ConfigError."""
     par, train, data = config.parallel, config.training, config.data
     sections = [config.parallel, train, data, config.kd, config.checkpoint, config.runtime,
-                config.eval, config.logging, (config.student, False), (config.teacher, True)]
+                config.eval, config.logging, config.student_data, config.generation,
+                config.teacher_fp8,
+                (config.student, False), (config.teacher, True)]
     _raise(_section_checks(sections, config.kd, PRETRAIN.choices))
     errors = _layout_rules(par, [(config.student, False), (config.teacher, True)])
     errors += rules.data_rules(data, par.tensor_model_parallel_size)
     if par.world_size % par.model_parallel_size == 0:
         errors += rules.batch_rules(train, par.data_parallel_size)
+        errors += rules.teacher_window_rules(config.kd, train, par)
     errors += rules.schedule_rules(train) + rules.kd_rules(config.kd, data)
     errors += rules.checkpoint_rules(config.checkpoint)
     errors += rules.teacher_cache_rules(config.checkpoint, config.kd, config.eval)
     errors += rules.logging_rules(config.logging)
+    errors += rules.student_data_rules(config.student_data, config.kd, data, config.checkpoint,
+                                       config.eval)
     _raise(errors)
 
 
@@ -309,7 +367,7 @@ def parse_precompute_args(argv: Optional[Sequence[str]] = None,
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
             ("kd", KDConfig), ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
-            ("precompute", PrecomputeConfig))})
+            ("precompute", PrecomputeConfig), ("teacher_fp8", TeacherFP8Config))})
     par, train, data = config.parallel, config.training, config.data
     _raise(_section_checks([(teacher, True)]))
     errors = _layout_rules(par, [(teacher, True)])
@@ -322,13 +380,14 @@ def parse_precompute_args(argv: Optional[Sequence[str]] = None,
         errors.append(f"--cache-samples-per-shard={shard} must be a multiple of "
                       f"--micro-batch-size ({train.micro_batch_size})")
     _raise(errors)
+    _raise(checks.teacher_fp8_checks(config.teacher_fp8, live_teacher=True))
     _raise(_file_checks(data, config.kd, config.checkpoint, None, config.runtime, None))
     return config
 
 
 def _file_checks(data: DataConfig, kd: KDConfig, ckpt: CheckpointConfig,
                  training: Optional[TrainingConfig], runtime: RuntimeConfig,
-                 logging_config: Optional[LoggingConfig]) -> List[str]:
+                 logging_config: Optional[LoggingConfig], generates: bool = False) -> List[str]:
     errors = checks.environment_checks(runtime, logging_config)
     errors += checks.data_file_checks(data) + checks.checkpoint_checks(ckpt)
     if training is not None:
@@ -339,7 +398,36 @@ def _file_checks(data: DataConfig, kd: KDConfig, ckpt: CheckpointConfig,
         errors += checks.tokenizer_checks(tokenizer, kd, {
             "--teacher-load": ckpt.teacher_load, "--load": ckpt.load,
             "--pretrained-checkpoint": ckpt.pretrained_checkpoint})
+        if generates and not errors:
+            errors += checks.prompt_room_checks(data, tokenizer)
     return errors
+
+
+def parse_generate_args(argv: Optional[Sequence[str]] = None,
+                        world_size: Optional[int] = None) -> GenerateRunConfig:
+    """``tools/generate.py``'s flags as a validated :class:`GenerateRunConfig`."""
+    built, model, _ = _parse(GENERATE, argv, world_size)
+    config = GenerateRunConfig(model=model, **{
+        name: built[cls] for name, cls in (
+            ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
+            ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
+            ("generation", GenerationConfig), ("batch", BatchGenerationConfig))})
+    par, data = config.parallel, config.data
+    _raise(_section_checks([(model, False)]))
+    errors = _layout_rules(par, [(model, False)])
+    errors += rules.vocab_rules(data, par.tensor_model_parallel_size)
+    errors += rules.prompt_rules(data)
+    _raise(errors)
+    errors = checks.environment_checks(config.runtime, None)
+    errors += checks.checkpoint_checks(config.checkpoint)
+    errors += checks.prompts_file_checks(config.batch.prompts, data)
+    errors += checks.output_dir_checks(config.batch.output)
+    tokenizer, problems = checks.load_run_tokenizer(data)
+    errors += problems
+    if tokenizer is not None:
+        errors += checks.tokenizer_checks(tokenizer, None, {"--load": config.checkpoint.load})
+    _raise(errors)
+    return config
 
 
 def flags_table(tool: Tool) -> str:

@@ -2,7 +2,7 @@
 
 :func:`initialize` is the single entry: it picks the device (CUDA/NCCL, or CPU/gloo through
 :mod:`megakd.runtime.cpu_runtime`), starts ``torch.distributed`` from the launcher's environment,
-builds megatron-core's TP/PP/VPP/DP groups with ``parallel_state`` and seeds every RNG.
+builds megatron-core's TP/PP/VPP/DP/EP groups with ``parallel_state`` and seeds every RNG.
 """
 
 from __future__ import annotations
@@ -57,11 +57,14 @@ def initialize(
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
     virtual_pipeline_model_parallel_size: Optional[int] = None,
+    expert_model_parallel_size: int = 1,
+    expert_tensor_parallel_size: Optional[int] = None,
     device: str = "auto",
     seed: int = 1234,
     timeout_minutes: int = 10,
 ) -> RuntimeInfo:
-    """Start torch.distributed and megatron-core's parallel groups for this process."""
+    """Start torch.distributed and megatron-core's parallel groups for this process
+    (``expert_tensor_parallel_size`` None: the TP size, megatron's default)."""
     from megatron.core import parallel_state
 
     launch = discover()
@@ -71,6 +74,7 @@ def initialize(
         # Ranks sharing a host share its cores: avoid oversubscribing them.
         cores = os.cpu_count() or 1
         torch.set_num_threads(max(1, cores // max(1, launch.local_world_size)))
+    cpu_runtime.allow_moe_without_te()  # MoE routers without Transformer Engine
     backend = "nccl" if chosen.type == "cuda" else "gloo"
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(
@@ -86,6 +90,8 @@ def initialize(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
+        expert_model_parallel_size=expert_model_parallel_size,
+        expert_tensor_parallel_size=expert_tensor_parallel_size,
     )
     set_seed(seed)
     return RuntimeInfo(launch=launch, device=chosen, backend=backend)
@@ -110,6 +116,8 @@ def initialize_for(parallel: ParallelConfig, runtime: RuntimeConfig, seed: int,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_size(num_layers),
+        expert_model_parallel_size=parallel.expert_model_parallel_size,
+        expert_tensor_parallel_size=parallel.expert_tensor_parallel_size,
         device=runtime.device, seed=seed, timeout_minutes=runtime.distributed_timeout_minutes)
 
 

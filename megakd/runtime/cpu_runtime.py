@@ -16,6 +16,19 @@ is given, and it redirects:
 3. The model-parallel RNG tracker's CUDA RNG state helpers use the CPU generator.
 4. megatron-core's inference communication (``inference/communication_utils``: the logits
    broadcast from the last pipeline stage) asserts ``tensor.is_cuda``; it accepts CPU tensors.
+5. Without Transformer Engine, megatron-core's MoE router reads ``moe_utils.te_general_gemm``,
+   a name only defined when TE imports (a NameError); :func:`allow_moe_without_te` defines it as
+   None, which selects the router's own ``torch.mm`` path. Also needed on a GPU without TE, so
+   :func:`megakd.runtime.initialize` calls it whatever the device.
+
+6. megatron-core's ``alltoall`` MoE token dispatcher copies its split sizes (tokens sent to
+   and received from each EP rank) to the host as NumPy arrays, but only when they are CUDA
+   tensors; on CPU they stay tensors, which ``all_to_all_single`` refuses as split sizes. The
+   dispatcher's copy helper converts CPU tensors too (:func:`_splits_to_host`).
+
+gloo itself carries every collective megatron-core's ``allgather`` and ``alltoall`` token
+dispatchers use (``all_gather_into_tensor``, ``reduce_scatter_tensor``, ``all_to_all_single``
+with uneven splits), so expert parallelism runs on CPU (``tests/test_moe.py``, EP = 2).
 """
 
 from __future__ import annotations
@@ -128,6 +141,30 @@ def _allow_cpu_inference_communication() -> None:
     communication_utils._is_cuda = _tensor_present
 
 
+def allow_moe_without_te() -> None:
+    """Give megatron-core's MoE router the ``te_general_gemm = None`` it tests for when
+    Transformer Engine is absent (the name is otherwise undefined). Idempotent; a no-op when
+    TE imported."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _splits_to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU twin of megatron-core's ``moe_utils.maybe_move_tensor_to_cpu``: the tensor itself,
+    or its NumPy array when ``as_numpy`` (the alltoall split sizes)."""
+    if as_numpy and torch.is_tensor(tensor):
+        return tensor.numpy()
+    return tensor
+
+
+def _allow_cpu_moe_alltoall() -> None:
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _splits_to_host
+
+
 def enable() -> None:
     """Switch megatron-core to CPU execution for the rest of this process. Idempotent."""
     global _active_mode
@@ -162,6 +199,8 @@ def enable() -> None:
     )
 
     _allow_cpu_inference_communication()
+    allow_moe_without_te()
+    _allow_cpu_moe_alltoall()
 
     # Warnings that only concern CUDA execution, or deprecations inside megatron-core's
     # checkpoint code that users cannot act on.

@@ -36,6 +36,7 @@ from typing import Callable, List, Optional
 import torch
 
 from megakd.formats.fsutil import process_alive
+from megakd.runtime.processes import kill_children
 
 POLL_SECONDS = 1.0
 EXIT_WAIT_SECONDS = 10.0  # how long an aborting rank waits for its peers to read the abort
@@ -125,6 +126,7 @@ class _Watchdog:
     def _leave(self, message: str) -> None:
         print(error_line(message), file=sys.stderr, flush=True)
         self._silence_stderr()
+        kill_children()  # helpers (checkpoint writers) must not outlive the rank
         os._exit(LOST_STATUS)
 
     def _exit_with_posted_message(self) -> None:
@@ -133,6 +135,7 @@ class _Watchdog:
         print(line, file=sys.stderr, flush=True)
         self._silence_stderr()
         self._count_out_and_wait()
+        kill_children()
         os._exit(int(status_text))
 
     def _count_out_and_wait(self) -> None:

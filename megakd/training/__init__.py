@@ -7,9 +7,9 @@ from typing import Callable, Optional
 
 from megakd.configs import KDRunConfig
 from megakd.runtime import running
-from megakd.training.loop import TrainingHistory, TrainingHooks, is_logging_rank, train
+from megakd.training.loop import TrainingHistory, is_logging_rank, train
 from megakd.training.setup import setup
-from megakd.training.state import TrainingState
+from megakd.training.state import TrainingHooks, TrainingState
 
 __all__ = ["TrainingHistory", "TrainingHooks", "TrainingState", "pretrain_kd", "setup", "train"]
 

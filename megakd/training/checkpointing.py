@@ -34,7 +34,7 @@ from megakd.formats.checkpoints import (
     write_tracker,
 )
 from megakd.formats.model_metadata import model_metadata
-from megakd.runtime import watchdog
+from megakd.runtime import processes, watchdog
 from megakd.training.nonfinite import check_finite_state
 from megakd.training.state import TrainingState
 
@@ -43,6 +43,7 @@ from megakd.training.state import TrainingState
 TRAINING_STATE_KEY = "megakd_training"
 OPTIMIZER_KEY = "optimizer"
 RNG_STATE_KEY = "rng_state"
+SOURCE_STATE_KEY = "microbatch_source"  # e.g. DistiLLM's replay buffer and schedule
 # The distributed optimizer's state as its flat per-bucket shards (Megatron-LM's default): every
 # rank writes and reads its own shard with no gather, and a resume may change the DP size but
 # not TP/PP. (megatron-core 0.16's layout-free formats fail with torch's Adam: the model-space
@@ -84,6 +85,19 @@ def _rng_sharded_object(data: Optional[dict]):
               parallel_state.get_tensor_model_parallel_rank(),
               parallel_state.get_data_parallel_rank())
     return ShardedObject(RNG_STATE_KEY, data, shape, offset, replica_id=0)
+
+
+def _source_sharded_object(data: Optional[dict]):
+    """The microbatch source's state as a ShardedObject: one object per DP replica (its TP/PP
+    ranks hold the same state, only the first of them writes it)."""
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    replica = (parallel_state.get_pipeline_model_parallel_rank()
+               * parallel_state.get_tensor_model_parallel_world_size()
+               + parallel_state.get_tensor_model_parallel_rank())
+    return ShardedObject(SOURCE_STATE_KEY, data, (parallel_state.get_data_parallel_world_size(),),
+                         (parallel_state.get_data_parallel_rank(),), replica_id=replica)
 
 
 def get_rng_state(device: torch.device) -> dict:
@@ -193,6 +207,9 @@ def save_checkpoint(state: TrainingState, root: str, log: Callable[[str], None] 
     sharded_state[OPTIMIZER_KEY] = state.optimizer.sharded_state_dict(
         model_state, is_loading=False, metadata=_optimizer_metadata(sharding))
     sharded_state[RNG_STATE_KEY] = _rng_sharded_object(get_rng_state(state.runtime.device))
+    source_state = state.source.state_dict()
+    if source_state:
+        sharded_state[SOURCE_STATE_KEY] = _source_sharded_object(source_state)
     sharded_state[TRAINING_STATE_KEY] = {
         "iteration": state.iteration,
         "consumed_samples": state.consumed_samples,
@@ -202,8 +219,10 @@ def save_checkpoint(state: TrainingState, root: str, log: Callable[[str], None] 
         "use_distributed_optimizer": use_distributed,
         "distributed_optimizer_sharding": sharding,
         "nonfinite_skips": state.skips.state_dict(),
+        "microbatch_source": bool(source_state),
     }
     directory = os.path.join(root, checkpoint_name(state.iteration))
+    processes.start()  # megatron's write-results server must die with this rank
     save_staged(sharded_state, directory,
                 model_metadata(config.student, state.vocab.padded,
                                tokenizer=state.tokenizer_identity),
@@ -307,6 +326,11 @@ def load_checkpoint(state: TrainingState, log: Callable[[str], None] = print
             metadata=_optimizer_metadata(training["distributed_optimizer_sharding"]))
     if with_rng:
         request[RNG_STATE_KEY] = _rng_sharded_object(None)
+    with_source = (not weights_only and training.get("microbatch_source", False)
+                   and training["layout"]["data_parallel_size"]
+                   == _parallel_layout()["data_parallel_size"])
+    if with_source:
+        request[SOURCE_STATE_KEY] = _source_sharded_object(None)
     loaded = load_sharded(request, directory, "--load")
 
     load_model_states(state.student, loaded)
@@ -318,6 +342,8 @@ def load_checkpoint(state: TrainingState, log: Callable[[str], None] = print
         state.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
     if with_rng:
         set_rng_state(loaded[RNG_STATE_KEY], state.runtime.device)
+    if with_source:
+        state.source.load_state_dict(loaded[SOURCE_STATE_KEY])
     if not weights_only:
         state.iteration = training["iteration"]
         state.consumed_samples = training["consumed_samples"]

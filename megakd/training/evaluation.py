@@ -16,12 +16,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from megakd.data import Microbatch, iteration_microbatches
 from megakd.distill import LiveTeacher, reduce_reported
+from megakd.training.generation_eval import EXACT_MATCH, ROUGE, GenerationEvaluator
 from megakd.training.state import TrainingState
 
 
@@ -58,8 +59,12 @@ class Validator:
         self.state = state
         self.interval = state.config.eval.interval
         self.eval_iters = state.config.eval.iters
+        # DistiLLM's schedule compares every validation with one before training.
+        self.initial = state.config.student_data.adaptive
         # A resumed run continues after the windows its earlier validations read.
-        self.windows_done = state.iteration // self.interval
+        self.windows_done = state.iteration // self.interval + int(self.initial)
+        self.generation = _generation_evaluator(state)
+        self.last_example: Optional[str] = None  # one generated answer (--eval-generate)
 
     @property
     def has_teacher(self) -> bool:
@@ -94,7 +99,12 @@ class Validator:
                 microbatches = self._window(self.windows_done, eval_iter)
                 reported += self.state.step.run(microbatches, forward_only=True)
         self.windows_done += 1
-        return reduce_reported(reported, parallel_state.get_data_parallel_group())
+        dp_group = parallel_state.get_data_parallel_group()
+        losses = reduce_reported(reported, dp_group)
+        if self.generation is not None:
+            metrics, self.last_example = self.generation.evaluate(dp_group)
+            losses.update(metrics)
+        return losses
 
     def teacher_losses(self) -> Dict[str, float]:
         """The teacher's own ``lm loss`` on the first window (the one the first validation
@@ -107,6 +117,18 @@ class Validator:
         for eval_iter in range(self.eval_iters):
             reported += self.state.teacher.cross_entropy(self._window(0, eval_iter))
         return reduce_reported(reported, parallel_state.get_data_parallel_group())
+
+
+def _generation_evaluator(state: TrainingState) -> Optional[GenerationEvaluator]:
+    from megatron.core import parallel_state
+
+    config = state.config
+    if not config.eval.generate:
+        return None
+    return GenerationEvaluator(
+        state.valid_dataset, config.eval.generate, state.generator, state.tokenizer,
+        config.generation, config.data.seq_length, parallel_state.get_data_parallel_rank(),
+        parallel_state.get_data_parallel_world_size(), state.runtime.device)
 
 
 def validation_scalars(losses: Dict[str, float], prefix: str = "") -> Dict[str, float]:
@@ -128,5 +150,8 @@ def format_validation(title: str, losses: Dict[str, float]) -> str:
             line += f"{name} value: {losses[name]:.6E} | "
             if name == "lm loss":
                 line += f"{name} PPL: {math.exp(min(20.0, losses[name])):.6E} | "
+    for name in (ROUGE, EXACT_MATCH):
+        if name in losses:
+            line += f"{name}: {losses[name]:.4f} | "
     rule = "-" * (len(line) + 1)
     return "\n".join([rule, line, rule])

@@ -33,7 +33,7 @@ from megakd.training.observability import (
     report_timers,
     tokens_per_second,
 )
-from megakd.training.state import TrainingState
+from megakd.training.state import TrainingHooks, TrainingState
 
 
 @dataclass
@@ -45,6 +45,8 @@ class IterationRecord:
     grad_norm: Optional[float]
     skipped: bool
     elapsed_ms: float
+    # the microbatch source's figures (student samples: generated tokens, generation seconds)
+    data: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -56,19 +58,6 @@ class TrainingHistory:
     def first_last(self, name: str):
         values = [r.losses[name] for r in self.records if name in r.losses]
         return (values[0], values[-1]) if values else (None, None)
-
-
-@dataclass
-class TrainingHooks:
-    """Callbacks the loop runs on every rank: after each training iteration, after each
-    validation of the student, and right before each checkpoint save. Hooks may read and
-    change the state (e.g. a schedule that reacts to validation losses)."""
-
-    after_step: List[Callable[[TrainingState, IterationRecord], None]] = field(
-        default_factory=list)
-    after_validation: List[Callable[[TrainingState, ValidationRecord], None]] = field(
-        default_factory=list)
-    before_save: List[Callable[[TrainingState], None]] = field(default_factory=list)
 
 
 def format_log_line(record: IterationRecord, train_iters: int, global_batch_size: int,
@@ -91,6 +80,11 @@ def format_log_line(record: IterationRecord, train_iters: int, global_batch_size
     if record.grad_norm is not None:
         parts.append(f"grad norm: {record.grad_norm:.3f}")
     parts.append(f"number of skipped iterations: {skipped_total:3d}")
+    generation_s = record.data.get("generation seconds", 0.0)
+    if generation_s > 0:
+        share = 100.0 * generation_s * 1000.0 / max(record.elapsed_ms, 1e-9)
+        parts.append(f"generation: {generation_s * 1000:.0f} ms ({share:.0f}% of the step), "
+                     f"{record.data['generated tokens'] / generation_s:.1f} generated tokens/s")
     return " | ".join(parts) + " |"
 
 
@@ -130,6 +124,7 @@ def train_step(state: TrainingState, timers=None) -> IterationRecord:
         grad_norm=outcome.grad_norm,
         skipped=not outcome.updated,
         elapsed_ms=(time.perf_counter() - start) * 1000.0,
+        data=state.source.report(),
     )
 
 
@@ -162,6 +157,8 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, timers,
         "tokens-per-sec": throughput,
         "iteration-time": record.elapsed_ms,
         "skipped-iterations": state.skips.skipped,
+        "generation-time": record.data.get("generation seconds", 0.0) * 1000.0 or None,
+        "generated-tokens": record.data.get("generated tokens") or None,
     }, record.iteration)
     writers.flush()
 
@@ -176,6 +173,8 @@ def _validate(validator: Validator, title: str, history: TrainingHistory,
     history.validations.append(record)
     if is_logging_rank():
         log(format_validation(title, losses))
+        if validator.last_example:
+            log(validator.last_example)
         writers.add_scalars(validation_scalars(losses), iteration)
         for baseline in (v for v in history.validations if v.model == "teacher"):
             writers.add_scalars(validation_scalars(baseline.losses, "teacher "), iteration)
@@ -244,7 +243,7 @@ def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
     With ``--eval-interval``: the teacher's validation baseline first, a validation every
     interval, and one at the end of training (not after an early exit)."""
     train_config = state.config.training
-    hooks = hooks if hooks is not None else TrainingHooks()
+    hooks = (state.hooks or TrainingHooks()) + (hooks or TrainingHooks())
     history = TrainingHistory()
     exits = ExitConditions(state.config.checkpoint, state.runtime.device)
     writers = build_metrics_writers(state.config)
@@ -254,6 +253,9 @@ def train(state: TrainingState, log=print, hooks: Optional[TrainingHooks] = None
     with _owning_save_root(state, log), exits.installed(), contextlib.closing(writers):
         if validator is not None:
             _validate_teacher(validator, history, writers, log)
+            if validator.initial and state.iteration == 0:
+                _validate(validator, "validation loss before training", history, writers,
+                          hooks, log)
         while state.iteration < train_config.train_iters:
             record = train_step(state, timers)
             history.records.append(record)

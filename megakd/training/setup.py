@@ -2,27 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
 from megakd.configs import ConfigError, KDRunConfig
-from megakd.data import DatasetMicrobatches
+from megakd.data import DatasetMicrobatches, MicrobatchSource, build_tokenizer_and_vocabulary
 from megakd.distill import (
     DistillationLoss,
     DistillationStep,
+    StudentDataMicrobatches,
     build_datasets,
     build_loaded_teacher,
     build_teacher_source,
-    build_tokenizer_and_vocabulary,
+    resolve_teacher_window,
+    teacher_output_bytes,
 )
 from megakd.formats.cache import TeacherCache
+from megakd.formats.topk import TOPK_VALUE_DTYPES, topk_bytes_per_token
 from megakd.formats.model_metadata import tokenizer_identity
+from megakd.generation import Generator
 from megakd.models import build_student, transformer_engine_available
 from megakd.runtime import RuntimeInfo
 from megakd.training.checkpointing import load_checkpoint
 from megakd.training.nonfinite import SkipPolicy
-from megakd.training.state import TrainingState
+from megakd.training.state import TrainingHooks, TrainingState
 
 
 def _wrap_ddp(chunks: List[torch.nn.Module], config: KDRunConfig) -> List[torch.nn.Module]:
@@ -96,11 +100,39 @@ def _wire_schedule_hooks(student: List[torch.nn.Module], optimizer) -> None:
     config = get_model_config(student[0])
     config.grad_scale_func = optimizer.scale_loss
     config.finalize_model_grads_func = finalize_model_grads
+    # No grad_sync_func: gradients are not reduced while the backward runs
+    # (overlap_grad_reduce is off), so finalize_model_grads reduces them once; a chunk's
+    # start_grad_sync on top of that would all-reduce its gradients twice.
     if len(student) == 1:
         config.no_sync_func = student[0].no_sync
     else:
         config.no_sync_func = [chunk.no_sync for chunk in student]
-        config.grad_sync_func = [chunk.start_grad_sync for chunk in student]
+
+
+def _teacher_window(config: KDRunConfig, padded_vocab_size: int, log: Callable[[str], None]
+                    ) -> int:
+    """Microbatches per teacher window (``--kd-teacher-window``, or its auto choice), logged
+    when it splits the iteration."""
+    from megatron.core import parallel_state
+
+    train, kd = config.training, config.kd
+    dp = parallel_state.get_data_parallel_world_size()
+    num_microbatches = train.global_batch_size // (train.micro_batch_size * dp)
+    per_microbatch = teacher_output_bytes(
+        kd, train.micro_batch_size, config.data.seq_length,
+        padded_vocab_size // config.parallel.tensor_model_parallel_size,
+        logits_bytes=2 if train.bf16 else 4,
+        topk_token_bytes=topk_bytes_per_token(kd.topk, TOPK_VALUE_DTYPES[kd.topk_dtype])
+        if kd.topk else 0)
+    vpp = config.parallel.num_layers_per_virtual_pipeline_stage is not None
+    window = resolve_teacher_window(
+        kd, num_microbatches, per_microbatch,
+        min_window=config.parallel.pipeline_model_parallel_size if vpp else 1)
+    if window < num_microbatches:
+        log(f"teacher window: {window} of {num_microbatches} microbatches per schedule call "
+            f"({window * per_microbatch / 2**20:.0f} MiB of teacher outputs held instead of "
+            f"{num_microbatches * per_microbatch / 2**20:.0f} MiB)")
+    return window
 
 
 def validation_samples(config: KDRunConfig) -> int:
@@ -110,6 +142,7 @@ def validation_samples(config: KDRunConfig) -> int:
         return 0
     train = config.training
     evaluations = train.train_iters // config.eval.interval + 1
+    evaluations += int(config.student_data.adaptive)  # DistiLLM's validation before training
     return evaluations * config.eval.iters * train.global_batch_size
 
 
@@ -125,6 +158,27 @@ def _check_packing_support(config: KDRunConfig, runtime: RuntimeInfo) -> None:
     raise ConfigError("--pack-sequences on CUDA needs --attention-backend sdpa (Transformer "
                       "Engine and megatron's fused causal softmax ignore the packed-sequence "
                       "attention mask)")
+
+
+def _microbatch_source(config: KDRunConfig, reference: DatasetMicrobatches,
+                       generator: Optional[Generator], device: torch.device
+                       ) -> Tuple[MicrobatchSource, TrainingHooks]:
+    """The reference data, or (with the student-data flags) the mix of reference data and the
+    student's own samples, with the hook that feeds DistiLLM's schedule its validation CE."""
+    if not config.student_data.enabled:
+        return reference, TrainingHooks()
+    source = StudentDataMicrobatches(reference, generator, config.student_data,
+                                     config.generation, config.data.seq_length,
+                                     config.training.train_iters, config.training.seed)
+
+    def observe(state: TrainingState, record) -> None:
+        # validation losses live on the last pipeline stage: every rank needs the same value
+        value = torch.tensor([record.losses.get("lm loss", 0.0)], dtype=torch.float64,
+                             device=device)
+        torch.distributed.broadcast(value, src=torch.distributed.get_world_size() - 1)
+        source.observe_validation(value.item())
+
+    return source, TrainingHooks(after_validation=[observe])
 
 
 def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] = print
@@ -163,18 +217,23 @@ def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] 
                             parallel_state.get_tensor_model_parallel_group())
     optimizer, scheduler = _build_optimizer(config, student)
     _wire_schedule_hooks(student, optimizer)
-    dp_group = parallel_state.get_data_parallel_group()
+    reference = DatasetMicrobatches(train_dataset, train.global_batch_size,
+                                    train.micro_batch_size,
+                                    parallel_state.get_data_parallel_rank(),
+                                    parallel_state.get_data_parallel_world_size(), device)
+    generator = None
+    if config.student_data.enabled or config.eval.generate:
+        generator = Generator(student, vocab.valid, tokenizer.eod, data.seq_length)
+    source, hooks = _microbatch_source(config, reference, generator, device)
     state = TrainingState(
         config=config, runtime=runtime, student=student, teacher=teacher,
         step=DistillationStep(student, teacher, loss, data.seq_length, train.micro_batch_size,
-                              dp_group),
-        source=DatasetMicrobatches(train_dataset, train.global_batch_size,
-                                   train.micro_batch_size,
-                                   parallel_state.get_data_parallel_rank(),
-                                   parallel_state.get_data_parallel_world_size(), device),
-        optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset, vocab=vocab,
-        skips=SkipPolicy(train, config.checkpoint),
-        valid_dataset=valid_dataset, tokenizer_identity=tokenizer_identity(tokenizer),
+                              parallel_state.get_data_parallel_group(),
+                              window=_teacher_window(config, vocab.padded, log)),
+        source=source, optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset,
+        vocab=vocab, skips=SkipPolicy(train, config.checkpoint), valid_dataset=valid_dataset,
+        tokenizer=tokenizer, tokenizer_identity=tokenizer_identity(tokenizer),
+        generator=generator, hooks=hooks,
     )
     if config.checkpoint.load or config.checkpoint.pretrained_checkpoint:
         load_checkpoint(state, log=log)
