@@ -27,8 +27,12 @@ setup(
         "te": ["transformer-engine[pytorch]"],
         "mpi": ["mpi4py"],
         "wandb": ["wandb"],  # --wandb-project
-        "modelopt": ["nvidia-modelopt"],
-        "test": ["pytest", "import-linter"],  # import-linter: the layering contract (.importlinter)
+        # 0.43.0: the newest ModelOpt that imports without Transformer Engine; it uses requests
+        # without declaring it.
+        "modelopt": ["nvidia-modelopt==0.43.0", "requests"],
+        # import-linter: the layering contract (.importlinter); ModelOpt: the pruning agreement
+        # test (tests/test_prune.py) and the loss benchmark's comparison rows
+        "test": ["pytest", "import-linter", "nvidia-modelopt==0.43.0", "requests"],
         "study": ["matplotlib"],  # examples/cpu_study (make study): the plot in docs/quality.md
     },
 )

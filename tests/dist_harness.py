@@ -18,6 +18,9 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Sequence
 
+import torch
+import torch.distributed.distributed_c10d as c10d
+
 from megakd.runtime.launcher import free_local_port
 
 
@@ -104,6 +107,11 @@ def init_layout(config):
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    # megatron drops its references to the old groups but c10d keeps them, each gloo group with
+    # its own threads: a worker that rebuilds layouts many times would pile up thousands.
+    for group in list(c10d._world.pg_map):
+        if group is not c10d.GroupMember.WORLD:
+            torch.distributed.destroy_process_group(group)
     model = getattr(config, "student", None) or config.teacher
     seed = config.training.seed if hasattr(config, "training") else 1234
     return initialize_for(config.parallel, config.runtime, seed, model.num_layers)

@@ -145,7 +145,6 @@ def moe_student_worker(rank: int, student: str, teacher: str, layouts: Sequence[
     load-balancing loss 0.001 from its config) for ``iters`` iterations at each layout: the
     loss curve, the router loss megatron-core tracked, and whether the experts and routers of
     this rank received gradients and moved."""
-    from megakd.models.moe import router_loss_report
     from megakd.training.loop import train_step
 
     results = {}
@@ -155,9 +154,10 @@ def moe_student_worker(rank: int, student: str, teacher: str, layouts: Sequence[
         start = {name: param.detach().clone() for chunk in state.student
                  for name, param in chunk.named_parameters()}
         curve, router = [], []
-        for _ in range(iters):
-            curve.append(train_step(state).losses)
-            router.append(router_loss_report(state.config.student, GBS // MBS))
+        for _ in range(iters):  # the step reports the router loss (models.moe.router_loss_report)
+            losses = train_step(state).losses
+            curve.append(losses)
+            router.append({"load_balancing_loss": losses["load_balancing_loss"]})
         moved = {name: (param.detach() - start[name]).abs().max().item()
                  for chunk in state.student for name, param in chunk.named_parameters()}
         results[layout] = {

@@ -109,12 +109,12 @@ def make_source(rank: int, root: str, arch: ModelArchConfig = SOURCE, tp: int = 
 
 
 def importance_task(rank: int, load: str, layouts: Sequence[tuple]) -> Dict[str, dict]:
-    """Per (tp, pp): the importance scores and the plan measured at that layout, with both
-    layer rankings."""
+    """Per (tp, pp, rankings): the importance scores and the plan measured at that layout, with
+    each layer ranking asked for."""
     out = {}
-    for tp, pp in layouts:
+    for tp, pp, rankings in layouts:
         scores = {}
-        for ranking in ("cosine", "lm-loss"):
+        for ranking in rankings:
             config = parse_prune_args(prune_argv(load, load + ".never", tp, pp,
                                                  TARGETS + ["--layer-importance", ranking]),
                                       world_size=int(os.environ["WORLD_SIZE"]))

@@ -126,7 +126,7 @@ def _edited_copy(source: str, target: str, **changes) -> str:
 
 
 @pytest.mark.parametrize("family, changes, named", [
-    ("mistral", {"sliding_window": 4096}, "sliding_window"),
+    ("mistral", {"sliding_window": -1}, "sliding_window"),
     ("llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "yarn"),
     ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
                                    "high_freq_factor": 4.0, "rope_theta": 5e5,
@@ -147,6 +147,36 @@ def test_bad_hf_input_names_the_field_and_writes_nothing(family, changes, named,
         convert_hf_to_megakd(HFToMegakdOptions(hf_dir=source, output=output), log=lambda _: None)
     assert named in str(error.value)
     assert not os.path.exists(output) and not os.path.exists(output + ".converting")
+
+
+def test_sliding_window_is_dropped_when_it_cannot_bind_and_limits_seq_length_otherwise(
+        workdir, hf_dirs, world1):
+    """Mistral's config with sliding_window 4096 and max_position_embeddings 128: the window
+    never binds, the model converts as full attention. A window of 64 is recorded in
+    megakd_model.json; runs up to --seq-length 64 are accepted, longer ones refused naming
+    both."""
+    from megakd.configs import ConfigError
+    from megakd.convert.hf_to_megakd import HFToMegakdOptions, convert_hf_to_megakd
+    from megakd.preflight import parse_pretrain_args as parse_args
+
+    quiet = lambda _: None  # noqa: E731
+    outputs = {}
+    for window in (4096, 64):
+        source = _edited_copy(hf_dirs["mistral"], f"{workdir}/window_{window}",
+                              sliding_window=window, max_position_embeddings=128)
+        outputs[window] = f"{workdir}/mk_window_{window}"
+        convert_hf_to_megakd(HFToMegakdOptions(hf_dir=source, output=outputs[window]), log=quiet)
+        with open(f"{outputs[window]}/release/megakd_model.json") as handle:
+            stored = json.load(handle)["architecture"]["sliding_window"]
+        assert stored == (None if window == 4096 else 64)
+    long_run = _args("--load", outputs[64], "--seq-length", "128", "--max-position-embeddings",
+                     "128")
+    parse_args(_args("--load", outputs[4096], "--seq-length", "128",
+                     "--max-position-embeddings", "128"), world_size=1)
+    parse_args(_args("--load", outputs[64], "--seq-length", "64"), world_size=1)
+    with pytest.raises(ConfigError) as error:
+        parse_args(long_run, world_size=1)
+    assert "--seq-length=128" in str(error.value) and "window (64 tokens" in str(error.value)
 
 
 def test_existing_output_and_missing_metadata_are_refused(workdir, hf_dirs, world1):

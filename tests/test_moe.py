@@ -64,8 +64,11 @@ def world2(workdir, hf_dirs, world1):
              (f"{workdir}/mk_qwen3_moe", f"{workdir}/mk_mixtral", STUDENT_LAYOUTS, 2)),
     ])
     merged = {"layouts": {}, "dense_student": {}}
-    for results in per_rank:  # the last stage of every layout reports
-        merged["layouts"].update(results["layouts"])
+    for results in per_rank:  # the last stage of every layout reports, each DP rank its own data
+        for name, got in results["layouts"].items():
+            seen = merged["layouts"].setdefault(name, got)
+            for key in ("student_diff", "teacher_diff"):
+                seen[key] = max(seen[key], got[key])
         merged["dense_student"].update({k: v for k, v in results["dense_student"].items() if v})
     merged["moe_student"] = per_rank[-1]["moe_student"]
     return merged
@@ -148,9 +151,18 @@ def test_dense_and_moe_families_do_not_mix(workdir, world1):
     with pytest.raises(ConversionError, match="mixture of experts cannot be written as qwen3"):
         plan_megakd_to_hf(MegakdToHFOptions(load=f"{workdir}/mk_qwen3_moe", output=f"{workdir}/y",
                                             model_family="qwen3"))
-    with pytest.raises(ConversionError, match="moe_router_pre_softmax"):
-        plan_megakd_to_hf(MegakdToHFOptions(load=f"{workdir}/mk_qwen3_moe", output=f"{workdir}/y",
-                                            model_family="mixtral"))
+    from megakd.configs import ModelArchConfig
+    from megakd.convert.families import family_by_name
+    from megakd.convert.moe_config import check_moe_arch
+
+    arch = ModelArchConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_experts=4,
+                           moe_router_pre_softmax=True)
+    with pytest.raises(ConversionError, match="moe_router_pre_softmax"):  # Mixtral renormalises
+        check_moe_arch(arch, family_by_name("mixtral"), "x")
+    with pytest.raises(ConversionError, match="shared_expert"):
+        check_moe_arch(ModelArchConfig(num_layers=2, hidden_size=32, num_attention_heads=4,
+                                       num_experts=4, moe_shared_expert_intermediate_size=8),
+                       family_by_name("qwen3_moe"), "x")
 
 
 # ---- layouts and distillation (world size 2) ------------------------------------------------------
@@ -178,12 +190,26 @@ def test_moe_student_trains_the_same_at_every_expert_layout(world2):
         run = runs[layout]
         for got, want in zip(run["curve"], reference):
             for name in ("lm loss", "kd loss"):
-                assert got[name] == pytest.approx(want[name], rel=1e-5), (layout, name)
+                assert got[name] == pytest.approx(want[name], rel=1e-4), (layout, name)
         assert run["experts_moved"] > 0 and run["routers_moved"] > 0, (layout, run)
         for step, report in enumerate(run["router"]):  # balanced routing gives about 1
             want = runs["dp2"]["router"][step]["load_balancing_loss"]
             assert 0.5 < report["load_balancing_loss"] < 2.0, (layout, report)
             assert report["load_balancing_loss"] == pytest.approx(want, rel=1e-4), layout
+
+
+def test_report_logit_differences(world1, world2):
+    """The figures of docs/moe.md (``pytest -s tests/test_moe.py -k report``): max |logits -
+    transformers logits| per family and layout, fp32."""
+    rows = [f"{family:10s} tp1 (convert --verify)  {world1[family][0]['max_logit_diff']:.1e}"
+            for family in FAMILIES]
+    for name, got in sorted(world2["layouts"].items()):
+        rows.append(f"{name[3:]:34s}  {max(got['student_diff'], got['teacher_diff']):.1e}")
+    print("\n" + "\n".join(rows))
+    assert all(float(row.split()[-1]) < LOGIT_ATOL for row in rows)
+    for layout, got in sorted(world2["dense_student"].items()):
+        print(f"dense student of qwen3_moe at {layout}: KD loss {got['before']:.4f} -> "
+              f"{got['after']:.4f} on the first batch")
 
 
 # ---- flags ----------------------------------------------------------------------------------------
@@ -241,14 +267,14 @@ def test_moe_fields_reach_megatron_and_a_dense_model_keeps_ep_1():
     assert dense.num_moe_experts is None and dense.expert_model_parallel_size == 1
 
 
-@pytest.mark.parametrize("extra, needle", [
-    (["--num-experts", "3", "--expert-model-parallel-size", "2"],
+@pytest.mark.parametrize("extra, world, needle", [
+    (["--num-experts", "3", "--expert-model-parallel-size", "2"], 1,
      "--num-experts=3 is not divisible by --expert-model-parallel-size=2"),
-    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], "--sequence-parallel"),
+    (["--num-experts", "4", "--tensor-model-parallel-size", "2"], 2, "--sequence-parallel"),
 ])
-def test_bad_moe_input_exits_2_on_every_rank(extra, needle):
+def test_bad_moe_input_exits_2_on_every_rank(extra, world, needle):
     """Found by the preflight (experts / EP) or when the student is built (TP without SP)."""
-    results = launch("tools/pretrain_kd.py", [*BASE, *extra], world_size=2)
+    results = launch("tools/pretrain_kd.py", [*BASE, *extra], world_size=world)
     for result in results:
         assert result.returncode == 2, (result.rank, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, result.stderr[-2000:]

@@ -55,10 +55,11 @@ def test_workers_die_with_their_launcher(tmp_path):
                   "the first checkpoint")
         workers = psutil.Process(agent.pid).children()  # the ranks (their helpers end with them)
         assert len(workers) == 2
-        before = _iteration_dirs(root)
         killed_at = time.monotonic()
         os.kill(agent.pid, signal.SIGKILL)
-        agent.wait()
+        agent.wait()  # reaped: its children are re-parented, so each rank can see it is gone
+        # (a save whose launcher check ran in the milliseconds before may still commit)
+        before = _iteration_dirs(root)
         _wait_for(lambda: not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE
                                   for w in workers), 10, "the workers to exit")
         gone_after = time.monotonic() - killed_at

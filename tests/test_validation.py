@@ -174,7 +174,7 @@ def test_tensorboard_event_files(world4, workdir):
     expected = {"lm loss", "kd loss", "total loss", "learning-rate", "grad-norm",
                 "tokens-per-sec", "iteration-time", "lm loss validation",
                 "lm loss validation ppl", "kd loss validation", "teacher lm loss validation",
-                "teacher lm loss validation ppl"}
+                "teacher lm loss validation ppl", "skipped-iterations"}
     expected |= {f"{name}-time" for name in observability.TRAINING_TIMERS}
     assert set(scalars) == expected
     run = world4[-1]["with_eval"]

@@ -3,10 +3,10 @@
 exactly where an uninterrupted run ends (bitwise equal final weights).
 
 Each cycle starts the job (``--ranks`` processes of tools/pretrain_kd.py with torchrun's
-environment, ``--load ROOT --save ROOT --save-interval 1``), kills every rank with SIGKILL at a
-random time within ``--max-delay`` seconds after it started training (in a step or a save),
-and relaunches it, until ``--kills`` kills have happened; the last launch runs to
-the end. An uninterrupted run of the same flags is the reference; the two final checkpoints'
+environment, ``--load ROOT --save ROOT --save-interval 1``), kills every rank with SIGKILL after
+1 to 3 of the launch's own iterations plus a random time within one iteration and save (in a
+step or a save), and relaunches it, until ``--kills`` kills have happened; the last launch runs
+to the end. An uninterrupted run of the same flags is the reference; the two final checkpoints'
 student weights are compared tensor by tensor (both loaded at TP=1).
 
     python tools/chaos_kill.py --kills 10            # prints one line per cycle and the verdict
@@ -116,34 +116,45 @@ def _compare_in_process(first: str, second: str) -> float:
         return worst
 
 
-def _training_started(log_dir: str, tag: str) -> bool:
-    """Rank 0 of launch ``tag`` has logged an iteration (startup is over)."""
+def _iterations_logged(log_dir: str, tag: str) -> int:
+    """Iterations rank 0 of launch ``tag`` has logged so far (0: still starting up)."""
     try:
         with open(os.path.join(log_dir, f"{tag}.rank0.log")) as handle:
-            return " iteration " in handle.read()
+            return handle.read().count(" iteration ")
     except OSError:
-        return False
+        return 0
+
+
+def _wait_for_iterations(log_dir: str, tag: str, count: int,
+                         procs: Sequence[subprocess.Popen]) -> None:
+    while _iterations_logged(log_dir, tag) < count and all(p.poll() is None for p in procs):
+        time.sleep(0.05)
 
 
 def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
               max_delay: float = 3.0, log=print) -> dict:
-    """``kills`` SIGKILLs of the whole job, each at a random time within ``max_delay`` s after
-    the launch started training (so they land in steps and in saves), with relaunches; then
-    the comparison with an uninterrupted run."""
+    """``kills`` SIGKILLs of the whole job with relaunches; then the comparison with an
+    uninterrupted run. Each kill lands after a random number (0 to 2) of the launch's own
+    iterations and a random time within one iteration plus one save (measured on the
+    reference run, at least ``max_delay`` s), so kills fall in steps and in saves and the
+    job makes progress between them whatever the machine's speed."""
     rng = random.Random(seed)
     chaos, reference = os.path.join(workdir, "chaos"), os.path.join(workdir, "reference")
     argv = [*FLAGS, "--train-iters", str(iters), "--save-interval", "1"]
+    started = time.monotonic()
     codes = wait_job(start_job([*argv, "--save", reference], ranks, workdir, "reference"))
     if any(codes):
         raise RuntimeError(f"the reference run failed: {codes} (logs in {workdir})")
+    # an upper bound of one iteration plus its save (the reference's startup included)
+    window = max(max_delay, (time.monotonic() - started) / iters)
     launches, done = 0, False
     for _ in range(kills):
         tag = f"launch{launches}"
         procs = start_job([*argv, "--load", chaos, "--save", chaos], ranks, workdir, tag)
         launches += 1
-        while not _training_started(workdir, tag) and all(p.poll() is None for p in procs):
-            time.sleep(0.1)
-        delay = rng.uniform(0.0, max_delay)
+        after = rng.randint(1, 3)  # iterations of this launch before the random delay
+        _wait_for_iterations(workdir, tag, after, procs)
+        delay = rng.uniform(0.0, window)
         deadline = time.monotonic() + delay
         try:
             codes = [proc.wait(timeout=max(0.01, deadline - time.monotonic())) for proc in procs]
@@ -153,8 +164,8 @@ def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
                 break
         except subprocess.TimeoutExpired:
             kill_job(procs)
-            log(f"chaos: launch {launches}: SIGKILL {delay:.2f} s into training (tracker: "
-                f"{_tracker(chaos)})")
+            log(f"chaos: launch {launches}: SIGKILL {delay:.2f} s after its iteration {after} "
+                f"(tracker: {_tracker(chaos)})")
     if not done:
         codes = wait_job(start_job([*argv, "--load", chaos, "--save", chaos], ranks, workdir,
                                    f"launch{launches}"))
@@ -177,11 +188,12 @@ def _tracker(root: str) -> Optional[str]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=10)
-    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-delay", type=float, default=3.0,
-                        help="kill within this many seconds after a launch started training")
+                        help="the random delay before a kill is drawn from [0, D] seconds, D "
+                             "this or the reference run's time per iteration, the larger")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
     args = parser.parse_args(argv)
     workdir = args.workdir or tempfile.mkdtemp(prefix="megakd_chaos_")

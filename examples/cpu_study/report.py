@@ -121,6 +121,14 @@ extra, runs `examples/cpu_study/study.py --output-dir runs/study`, then
 [`{plot_name}`]({plot_name}) from `runs/study/results.json`). Nothing on this page is typed in
 by hand: the prose below compares the table's numbers.
 
+**Read this first: the regime.** Students here start from **random weights** and train on
+pretraining text with pure KD, scored by held-out CE. No published distillation result uses
+that regime: DistiLLM, GKD, MiniLLM and on-policy distillation start from an SFT'd student,
+train on instruction data and score generated answers. The mode-seeking divergences (rkl,
+srkl) and the interpolated ones (skl, jsd) are at a disadvantage on this metric from this
+start; the table does not say they are broken. The study in the users' regime (SFT'd
+students, generated-answer metrics, on-policy methods) is not built yet.
+
 **Machine and time.** {machine['cpus']} CPU cores ({machine['machine']}), no GPU, torch
 {machine['torch']} ({machine['threads']} threads), Python {machine['python']}, megatron-core
 0.16.1; one process at world size 1 (gloo), every run in-process through

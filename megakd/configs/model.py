@@ -93,6 +93,10 @@ class ModelArchConfig:
                                      help="weight of the MoE student's load-balancing loss")
     # The tokenizer's true vocabulary (before padding); set from the data flags, no flag here.
     vocab_size: Optional[int] = None
+    # A converted model's attention window when it can bind (Mistral/Mixtral config.json's
+    # sliding_window below max_position_embeddings); no flag: megatron's GPTModel attends to
+    # the whole causal context, so runs are limited to --seq-length <= this.
+    sliding_window: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None and self.hidden_size is not None:

@@ -71,6 +71,10 @@ def prune_rules(prune: PruneConfig, source: ModelArchConfig, par: ParallelConfig
     megakd_model.json) and the layout the pruned model must also load at."""
     errors: List[str] = []
     tp = par.tensor_model_parallel_size
+    experts = getattr(source, "num_experts", None)
+    if experts:
+        errors.append(f"--load: a mixture-of-experts model ({experts} experts); tools/prune.py "
+                      "prunes dense models")
     for name, target, size in (
             ("--target-num-layers", prune.target_num_layers, source.num_layers),
             ("--target-hidden-size", prune.target_hidden_size, source.hidden_size),

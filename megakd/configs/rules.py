@@ -313,3 +313,52 @@ def teacher_window_rules(kd: KDConfig, training: TrainingConfig, par: ParallelCo
                   f"--kd-teacher-window={kd.teacher_window}: with virtual pipeline stages every "
                   f"window needs at least --pipeline-model-parallel-size ({pp}) microbatches; "
                   f"the {num_microbatches} microbatches per rank would run as windows of {sizes}")
+
+
+def intermediate_kd_rules(kd: KDConfig, student: ModelArchConfig, teacher: ModelArchConfig,
+                          ckpt: CheckpointConfig) -> List[str]:
+    """``--kd-intermediate-pairs``: well-formed 1-based layer numbers within each model, one
+    teacher layer per student layer, and a live teacher (a ``--teacher-cache`` holds only the
+    top-k of the teacher's logits, no hidden states)."""
+    if kd.intermediate_pairs is None:
+        return []
+    try:
+        pairs = kd.layer_pairs
+    except ValueError as error:
+        return [str(error)]
+    if not pairs:
+        return ["--kd-intermediate-pairs is empty: give STUDENT_LAYER:TEACHER_LAYER pairs, "
+                "e.g. 3:7,5:15"]
+    errors: List[str] = []
+    for student_layer, teacher_layer in pairs:
+        for role, layer, arch, flag in (("student", student_layer, student, "--num-layers"),
+                                        ("teacher", teacher_layer, teacher,
+                                         "--teacher-num-layers")):
+            errors += _check(1 <= layer <= arch.num_layers,
+                             f"--kd-intermediate-pairs {student_layer}:{teacher_layer}: the "
+                             f"{role} has no layer {layer} (layers are numbered 1.."
+                             f"{arch.num_layers}, {flag}={arch.num_layers})")
+    students = [s for s, _ in pairs]
+    duplicates = sorted({s for s in students if students.count(s) > 1})
+    errors += _check(not duplicates, f"--kd-intermediate-pairs names student layer(s) "
+                                     f"{', '.join(map(str, duplicates))} more than once (one "
+                                     "teacher layer per student layer)")
+    errors += _check(ckpt.teacher_cache is None,
+                     "--kd-intermediate-pairs needs a live teacher (--teacher-load), not "
+                     "--teacher-cache (the cache holds only the teacher's top-k logits)")
+    errors += _check(kd.loss_weight > 0, "--kd-intermediate-pairs needs --kd-loss-weight > 0 "
+                                         "(with 0 no teacher is built)")
+    return errors
+
+
+def sliding_window_rules(arch: ModelArchConfig, seq_length: int, teacher: bool = False
+                         ) -> List[str]:
+    """A model converted with an attention window (Mistral/Mixtral ``sliding_window``) runs
+    with full causal attention, which is the same function only up to the window."""
+    window = arch.sliding_window
+    which = "the teacher's" if teacher else "the model's"
+    return _check(window is None or seq_length <= window,
+                  f"--seq-length={seq_length} exceeds {which} sliding attention window "
+                  f"({window} tokens, from its megakd_model.json): megatron's GPTModel attends "
+                  "to the whole causal context, so longer sequences would not compute what the "
+                  f"model was trained to; use --seq-length <= {window}")

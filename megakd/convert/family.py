@@ -64,6 +64,10 @@ class ModelFamily:
     rules: Tuple[WeightRule, ...]
     checks: Tuple[FieldCheck, ...] = ()
     qkv_bias: bool = False  # bias on q/k/v only (Qwen2)
+    # config.json's sliding_window: a window of at least max_position_embeddings can never
+    # bind and is dropped; a smaller one is recorded (ModelArchConfig.sliding_window) and runs
+    # are limited to --seq-length <= window, where full causal attention is the same function.
+    sliding_window: bool = False
     qk_norm: bool = False  # RMSNorm on each query/key head (Qwen3)
     known_fields: frozenset = frozenset()  # read by the converter, or harmless
     hf_defaults: Dict[str, object] = field(default_factory=dict)  # written by megakd -> HF

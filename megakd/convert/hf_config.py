@@ -111,8 +111,23 @@ def arch_from_hf_config(config: dict, source: str) -> ModelArchConfig:
         vocab_size=config["vocab_size"],
         use_rope_scaling=use_scaling,
         rope_scaling_factor=factor,
+        sliding_window=_sliding_window(config, family, source),
         **moe_arch_fields(config, family, source),
     )
+
+
+def _sliding_window(config: dict, family: ModelFamily, source: str) -> Optional[int]:
+    """The attention window megakd must respect, or None when there is none that can bind
+    (families without ``ModelFamily.sliding_window`` refuse windows through their checks)."""
+    window = config.get("sliding_window") if family.sliding_window else None
+    if window is None:
+        return None
+    if not isinstance(window, int) or window <= 0:
+        raise ConversionError(f"{source}: sliding_window={window!r} is not a positive integer")
+    max_positions = config.get("max_position_embeddings")
+    if isinstance(max_positions, int) and window >= max_positions:
+        return None  # a window as long as the context never binds
+    return window
 
 
 def check_arch_is_family(arch: ModelArchConfig, family: ModelFamily, source: str) -> None:
@@ -159,5 +174,7 @@ def hf_config_from_arch(arch: ModelArchConfig, family: ModelFamily, vocab_size: 
     if arch.use_rope_scaling:
         config["rope_scaling"] = {"rope_type": "llama3", "factor": arch.rope_scaling_factor,
                                   **LLAMA3_ROPE_FIXED}
+    if family.sliding_window and (arch.sliding_window is not None or base is None):
+        config["sliding_window"] = arch.sliding_window
     config.update(moe_hf_fields(arch, family, base))
     return config

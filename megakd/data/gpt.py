@@ -58,6 +58,12 @@ def _common_config(data: DataConfig, tokenizer, seed: int) -> dict:
     )
 
 
+# The mock datasets' sample and shuffle indices span megatron-core's 100k mock documents
+# (0.5 s per build); a process that sets up many runs (tests, benchmarks) builds them once.
+# Datasets are read-only, so sharing them changes no sample.
+_MOCK_DATASETS: dict = {}
+
+
 def build_gpt_datasets(
     data: DataConfig, tokenizer, num_samples: Sequence[int], seed: int
 ) -> Tuple[object, object, object]:
@@ -75,6 +81,10 @@ def build_gpt_datasets(
 
     gpt_flags = dict(reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
                      create_attention_mask=False)
+    mock_key = (data.seq_length, seed, tuple(num_samples), type(tokenizer).__name__,
+                tokenizer.vocab_size, tokenizer.eod)
+    if data.mock_data and mock_key in _MOCK_DATASETS:
+        return _MOCK_DATASETS[mock_key]
     if data.mock_data:
         # The mock dataset has nowhere to cache its indices and says so on every rank.
         logging.getLogger("megatron.core.datasets").setLevel(logging.ERROR)
@@ -95,4 +105,7 @@ def build_gpt_datasets(
     train, valid, test = BlendedMegatronDatasetBuilder(
         dataset_class, list(num_samples), lambda: True, config
     ).build()
+    if data.mock_data:
+        _MOCK_DATASETS.clear()  # one entry: its indices are a few hundred MB at most
+        _MOCK_DATASETS[mock_key] = (train, valid, test)
     return train, valid, test

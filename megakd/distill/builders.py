@@ -8,7 +8,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from megakd.configs import DataConfig, ModelArchConfig, ParallelConfig, RuntimeConfig
+from megakd.configs import (DataConfig, ModelArchConfig, ParallelConfig, RuntimeConfig,
+                            TeacherFP8Config)
 from megakd.data import Vocabulary, build_gpt_datasets
 from megakd.formats.checkpoints import load_model_weights
 from megakd.models import build_teacher
@@ -25,12 +26,13 @@ def build_datasets(data: DataConfig, tokenizer, seed: int, train_samples: int,
 
 def build_loaded_teacher(arch: ModelArchConfig, parallel: ParallelConfig, data: DataConfig,
                          runtime: RuntimeConfig, vocab: Vocabulary, bf16: bool,
-                         device: torch.device, teacher_load: Optional[str]
-                         ) -> List[torch.nn.Module]:
+                         device: torch.device, teacher_load: Optional[str],
+                         fp8: Optional[TeacherFP8Config] = None) -> List[torch.nn.Module]:
     """The frozen teacher's chunks for this rank, with ``--teacher-load``'s weights (any
-    layout) when given (collective: every rank reads its shards)."""
+    layout) when given (collective: every rank reads its shards); ``fp8``: ``--teacher-fp8-*``."""
     chunks = build_teacher(arch, parallel, vocab.padded, data.max_position_embeddings,
-                           bf16=bf16, device=device, attention_backend=runtime.attention_backend)
+                           bf16=bf16, device=device, attention_backend=runtime.attention_backend,
+                           fp8=fp8)
     if teacher_load:
         load_model_weights(chunks, teacher_load, flag="--teacher-load")
     return chunks

@@ -47,6 +47,14 @@ def count_global_tokens(microbatches: Sequence[Microbatch], kd: KDConfig,
     return GlobalTokenCounts(ce_tokens=counts[0].item(), kd_tokens=counts[1].item())
 
 
+def anchor_token_total(kd: KDConfig, counts: GlobalTokenCounts) -> float:
+    """The global token count megatron's ``finalize_model_grads`` divides gradients by: the
+    CE mask's, unless the iteration has no CE tokens or CE is not trained (pure KD, or only
+    the student's own samples), then the KD mask's. Every loss term is pre-multiplied by it."""
+    use_ce = kd.loss_weight < 1.0 and counts.ce_tokens > 0
+    return counts.ce_tokens if use_ce else counts.kd_tokens
+
+
 class DistillationLoss:
     """Per-microbatch loss on the last pipeline stage (student logits ``[b, s, V/tp]``)."""
 
@@ -102,8 +110,7 @@ class DistillationLoss:
         # report counts of the anchor mask and pre-multiply by its global total. The anchor is
         # the CE mask unless the iteration has no CE tokens (pure KD, or only the student's
         # own samples): it must be a mask with tokens, the same for the whole iteration.
+        anchor_total = anchor_token_total(self.kd, counts)
         use_ce = weight < 1.0 and counts.ce_tokens > 0
-        anchor_mask, anchor_total = ((ce_mask, counts.ce_tokens) if use_ce
-                                     else (kd_mask, counts.kd_tokens))
-        num_tokens = anchor_mask.sum().to(torch.int)
+        num_tokens = (ce_mask if use_ce else kd_mask).sum().to(torch.int)
         return total * anchor_total, num_tokens, reported

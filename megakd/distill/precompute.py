@@ -125,7 +125,8 @@ def precompute(config: PrecomputeRunConfig, device: torch.device,
     done = _broadcast(_start_or_resume(cache_dir, manifest) if rank == 0 else None)
 
     teacher = build_loaded_teacher(config.teacher, config.parallel, data, config.runtime, vocab,
-                                   train.bf16, device, config.checkpoint.teacher_load)
+                                   train.bf16, device, config.checkpoint.teacher_load,
+                                   fp8=config.teacher_fp8)
     runner = LiveTeacher(teacher, config.kd, vocab.valid, data.seq_length,
                          train.micro_batch_size)
     dp_rank = parallel_state.get_data_parallel_rank()

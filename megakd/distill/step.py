@@ -9,6 +9,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import torch
 
 from megakd.data import Microbatch
+from megakd.distill.hidden import HiddenStateKD
 from megakd.distill.loss import DistillationLoss, GlobalTokenCounts, count_global_tokens
 from megakd.distill.schedules import forward_backward_func, microbatch_iterators
 from megakd.distill.teachers import TeacherOutput, TeacherSource
@@ -25,6 +26,11 @@ class DistillationStep:
     window with :class:`DistillationLoss` on its last stage. Gradients accumulate in the DDP
     buffers and are finalized (DP all-reduce, token scaling) once per iteration by
     megatron-core's ``finalize_model_grads``; the optimizer step is the caller's.
+
+    With ``hidden`` (``--kd-intermediate-pairs``, :mod:`megakd.distill.hidden`), the teacher's
+    paired hidden states are sent to the student's stages after each teacher window, the
+    hidden-state losses are attached on the stages that own the student layers, and the
+    report gains ``"hidden loss"``.
     """
 
     def __init__(
@@ -36,6 +42,7 @@ class DistillationStep:
         micro_batch_size: int,
         dp_group,
         window: Optional[int] = None,
+        hidden: Optional[HiddenStateKD] = None,
     ) -> None:
         self.student_chunks = student_chunks
         self.teacher = teacher
@@ -45,13 +52,17 @@ class DistillationStep:
         self.dp_group = dp_group
         self.window = window  # microbatches per teacher window; None: the whole iteration
         self.gradients = WindowedGradients(student_chunks)
+        self.hidden = hidden
 
     def _student_forward_step(self, teacher_outputs: Dict[int, TeacherOutput],
                               counts: GlobalTokenCounts, data_iterator: Iterator[Microbatch],
                               model: torch.nn.Module):
         batch = next(data_iterator)
-        # [b, s, V/tp] on the last stage; attention_mask is None unless sequences are packed
-        logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        hidden = (self.hidden.student_microbatch(batch, counts) if self.hidden is not None
+                  else contextlib.nullcontext())
+        with hidden:  # the hidden-state losses of this chunk's paired layers, if any
+            # [b, s, V/tp] on the last stage; attention_mask is None unless sequences are packed
+            logits = model(batch.tokens, batch.position_ids, batch.attention_mask)
         teacher_output = teacher_outputs[batch.index] if teacher_outputs else None
         return logits, functools.partial(self.loss, batch, teacher_output, counts)
 
@@ -59,7 +70,8 @@ class DistillationStep:
             timers=None) -> List[Dict[str, torch.Tensor]]:
         """Forward (and backward unless ``forward_only``) over the microbatches.
 
-        Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch.
+        Returns, on the last pipeline stage, one ``{name: tensor([sum, count])}`` per microbatch
+        (``"hidden loss"`` included, reduced over the stages that hold it).
         ``timers`` (megatron-core ``Timers``) times ``teacher-forward`` and ``forward-backward``
         (the student's schedule, loss included), summed over windows.
         """
@@ -70,6 +82,8 @@ class DistillationStep:
             last = number == len(groups) - 1
             with self.gradients.window(last) if not forward_only else contextlib.nullcontext():
                 reported += self._run_window(window, counts, forward_only, timers)
+        if self.hidden is not None:
+            reported = self.hidden.report(reported, microbatches)
         return reported
 
     def _run_window(self, window: Sequence[Microbatch], counts: GlobalTokenCounts,
@@ -78,10 +92,13 @@ class DistillationStep:
         schedule over it."""
         with _timed(timers, "teacher-forward"):
             outputs = self.teacher.outputs(window) if self.teacher else []
+            if self.hidden is not None:
+                self.hidden.exchange(window)  # teacher hidden states to the student's stages
         teacher_outputs = {batch.index: output for batch, output in zip(window, outputs)}
         step = functools.partial(self._student_forward_step, teacher_outputs, counts)
         num_chunks = len(self.student_chunks)
-        with torch.set_grad_enabled(not forward_only), _timed(timers, "forward-backward"):
+        with torch.set_grad_enabled(not forward_only), _timed(timers, "forward-backward"), \
+                _end_window(self.hidden):
             return forward_backward_func(num_chunks)(
                 forward_step_func=step,
                 data_iterator=microbatch_iterators(window, num_chunks),
@@ -91,6 +108,16 @@ class DistillationStep:
                 micro_batch_size=self.micro_batch_size,
                 forward_only=forward_only,
             )
+
+
+@contextlib.contextmanager
+def _end_window(hidden: Optional[HiddenStateKD]):
+    """Free the window's teacher hidden states once the student's schedule has used them."""
+    try:
+        yield
+    finally:
+        if hidden is not None:
+            hidden.end_window()
 
 
 @contextlib.contextmanager

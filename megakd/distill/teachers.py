@@ -16,9 +16,10 @@ tokens the microbatch holds, whoever produced them (a dataset, or the student's 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Protocol, Sequence
+from typing import Callable, ContextManager, Dict, Iterator, List, Optional, Protocol, Sequence
 
 import torch
 
@@ -50,16 +51,26 @@ class TeacherSource(Protocol):
         ...
 
 
+MicrobatchContext = Callable[[Microbatch], ContextManager[None]]
+
+
 class LiveTeacher:
-    """The frozen teacher model, run forward-only over each iteration's microbatches."""
+    """The frozen teacher model, run forward-only over each iteration's microbatches.
+
+    ``microbatch_context`` (optional) is entered around each microbatch's forward in
+    :meth:`outputs`, on every pipeline stage: intermediate-layer KD captures the paired layers'
+    hidden states there (:meth:`megakd.distill.hidden.HiddenStateKD.teacher_microbatch`).
+    """
 
     def __init__(self, chunks: List[torch.nn.Module], kd: KDConfig, valid_vocab_size: int,
-                 seq_length: int, micro_batch_size: int) -> None:
+                 seq_length: int, micro_batch_size: int,
+                 microbatch_context: Optional[MicrobatchContext] = None) -> None:
         self.chunks = chunks
         self.kd = kd
         self.valid_vocab_size = valid_vocab_size
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
+        self.microbatch_context = microbatch_context
 
     def outputs(self, microbatches: Sequence[Microbatch]) -> List[TeacherOutput]:
         return forward_only(self.chunks, microbatches, self._forward_step, self.seq_length,
@@ -74,7 +85,11 @@ class LiveTeacher:
 
     def _forward_step(self, data_iterator: Iterator[Microbatch], model: torch.nn.Module):
         batch = next(data_iterator)
-        return model(batch.tokens, batch.position_ids, batch.attention_mask), self._keep
+        context = (self.microbatch_context(batch) if self.microbatch_context is not None
+                   else contextlib.nullcontext())
+        with context:
+            output = model(batch.tokens, batch.position_ids, batch.attention_mask)
+        return output, self._keep
 
     def _keep(self, logits: torch.Tensor, non_loss_data: bool = True) -> TeacherOutput:
         """Last stage: reduce the logits shard ``[b, s, V/tp]`` to what the loss needs."""
@@ -139,11 +154,15 @@ class CachedTeacher:
 
 def build_teacher_source(kd: KDConfig, teacher_chunks: Optional[List[torch.nn.Module]],
                          cache: Optional[TeacherCache], valid_vocab_size: int, seq_length: int,
-                         micro_batch_size: int) -> Optional[TeacherSource]:
-    """The run's teacher source: the cache when one is given, else the live teacher model, else
-    None (``--kd-loss-weight 0``: plain LM training)."""
+                         micro_batch_size: int,
+                         microbatch_context: Optional[MicrobatchContext] = None
+                         ) -> Optional[TeacherSource]:
+    """The run's teacher source: the cache when one is given, else the live teacher model
+    (``microbatch_context``: see :class:`LiveTeacher`), else None (``--kd-loss-weight 0``:
+    plain LM training)."""
     if cache is not None:
         return CachedTeacher(cache)
     if teacher_chunks is not None and kd.uses_teacher:
-        return LiveTeacher(teacher_chunks, kd, valid_vocab_size, seq_length, micro_batch_size)
+        return LiveTeacher(teacher_chunks, kd, valid_vocab_size, seq_length, micro_batch_size,
+                           microbatch_context)
     return None

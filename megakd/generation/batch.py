@@ -160,7 +160,8 @@ def run_batch_generation(config: GenerateRunConfig, device: torch.device,
     tokens, seconds = generate_parts(config, generator, tokenizer, prompts, dp_rank, dp_size,
                                      is_writer, done, log)
     totals = torch.tensor([tokens, seconds], dtype=torch.float64)
-    torch.distributed.all_reduce(totals)
+    # every TP/PP rank of a replica counts the same tokens: sum over DP replicas only
+    torch.distributed.all_reduce(totals, group=parallel_state.get_data_parallel_group())
     if torch.distributed.get_rank() != 0:
         torch.distributed.barrier()
         return None

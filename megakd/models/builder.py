@@ -17,7 +17,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
-from megakd.configs import ATTENTION_BACKENDS, ConfigError, ModelArchConfig, ParallelConfig
+from megakd.configs import (ATTENTION_BACKENDS, ConfigError, ModelArchConfig, ParallelConfig,
+                            TeacherFP8Config)
 from megakd.configs.rules import moe_student_rules
 from megakd.models.attention import SDPADotProductAttention
 from megakd.models.moe import moe_config_fields
@@ -46,24 +47,28 @@ def transformer_config_from_arch(
     params_dtype: Optional[torch.dtype] = None,
     perform_initialization: bool = True,
     moe_grouped_gemm: bool = False,
+    fp8: Optional[TeacherFP8Config] = None,
 ):
     """Megatron ``TransformerConfig`` for one architecture at this run's parallel layout.
 
     ``params_dtype`` overrides ``bf16`` (the converters build fp16/bf16/fp32 models);
     ``perform_initialization=False`` leaves weights uninitialised (they are about to be loaded);
-    ``moe_grouped_gemm``: experts as one Transformer Engine grouped GEMM (TE spec only).
+    ``moe_grouped_gemm``: experts as one Transformer Engine grouped GEMM (TE spec only);
+    ``fp8``: megatron-core's FP8 fields (``--teacher-fp8-*``; the TE spec runs them).
     """
     dtype = params_dtype or (torch.bfloat16 if bf16 else torch.float32)
     with warnings.catch_warnings():
         # megatron-core 0.16 warns about its own default cuda_graph_scope on every config.
         warnings.filterwarnings("ignore", message="full scope is deprecated")
         return _transformer_config(arch, parallel, dtype, hidden_dropout, attention_dropout,
-                                   perform_initialization, moe_grouped_gemm)
+                                   perform_initialization, moe_grouped_gemm,
+                                   fp8.transformer_config_fields() if fp8 else {})
 
 
 def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: torch.dtype,
                         hidden_dropout: float, attention_dropout: float,
-                        perform_initialization: bool, moe_grouped_gemm: bool):
+                        perform_initialization: bool, moe_grouped_gemm: bool,
+                        fp8_fields: dict):
     from megatron.core.transformer import TransformerConfig
 
     return TransformerConfig(
@@ -99,6 +104,7 @@ def _transformer_config(arch: ModelArchConfig, parallel: ParallelConfig, dtype: 
         batch_p2p_comm=parallel.virtual_pipeline_size(arch.num_layers) is None,
         perform_initialization=perform_initialization,
         **moe_config_fields(arch, parallel, grouped_gemm=moe_grouped_gemm),
+        **fp8_fields,
     )
 
 
@@ -169,20 +175,27 @@ def build_gpt_chunks(
     attention_backend: str = "auto",
     params_dtype: Optional[torch.dtype] = None,
     perform_initialization: bool = True,
+    fp8: Optional[TeacherFP8Config] = None,
 ) -> List[torch.nn.Module]:
     """GPTModel chunks for this rank: ``[chunk]``, or one per virtual stage with VPP.
 
     Output of the last stage is vocab-parallel logits ``[b, s, V/tp]`` (``parallel_output``).
     ``attention_backend`` is ``--attention-backend`` (see :func:`_layer_spec`);
-    ``params_dtype``/``perform_initialization`` as in :func:`transformer_config_from_arch`.
+    ``params_dtype``/``perform_initialization``/``fp8`` as in
+    :func:`transformer_config_from_arch`. FP8 needs Transformer Engine's spec (ConfigError
+    naming ``--teacher-fp8-format`` otherwise; the preflight refuses it earlier).
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    if fp8 is not None and fp8.enabled and not _uses_transformer_engine(attention_backend):
+        raise ConfigError(f"--teacher-fp8-format {fp8.format}: FP8 execution needs Transformer "
+                          "Engine's layer spec (Transformer Engine on a GPU, --attention-backend "
+                          "auto)")
     config = transformer_config_from_arch(
         arch, parallel, bf16=bf16, params_dtype=params_dtype,
         perform_initialization=perform_initialization,
-        moe_grouped_gemm=arch.is_moe and _uses_transformer_engine(attention_backend))
+        moe_grouped_gemm=arch.is_moe and _uses_transformer_engine(attention_backend), fp8=fp8)
     spec = _layer_spec(arch, attention_backend)
     vp_size = config.virtual_pipeline_model_parallel_size
     chunks = []
@@ -227,10 +240,12 @@ def build_student(arch, parallel, padded_vocab_size, max_sequence_length, *, bf1
 
 
 def build_teacher(arch, parallel, padded_vocab_size, max_sequence_length, *, bf16=False, device=None,
-                  attention_backend="auto"):
-    """Frozen teacher chunks: eval mode, no gradients, never given to an optimizer."""
+                  attention_backend="auto", fp8: Optional[TeacherFP8Config] = None):
+    """Frozen teacher chunks: eval mode, no gradients, never given to an optimizer;
+    ``fp8`` (``--teacher-fp8-*``) runs its GEMMs in FP8 through Transformer Engine."""
     chunks = build_gpt_chunks(arch, parallel, padded_vocab_size, max_sequence_length,
-                              bf16=bf16, device=device, attention_backend=attention_backend)
+                              bf16=bf16, device=device, attention_backend=attention_backend,
+                              fp8=fp8)
     for chunk in chunks:
         chunk.eval()
         for param in chunk.parameters():

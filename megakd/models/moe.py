@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from typing import Any, Dict
 
-import torch
-
 from megakd.configs import ModelArchConfig, ParallelConfig
 
 
@@ -70,18 +68,3 @@ def router_loss_report(student: ModelArchConfig, num_microbatches: int) -> Dict[
     moe_utils.clear_aux_losses_tracker()
     return report
 
-
-def local_expert_count(arch: ModelArchConfig) -> int:
-    """Experts of each MoE layer held by this rank (``E / EP``; 0 for a dense model)."""
-    from megatron.core import parallel_state
-
-    if not arch.is_moe:
-        return 0
-    return arch.num_experts // parallel_state.get_expert_model_parallel_world_size()
-
-
-def expert_parameters(chunks) -> Dict[str, torch.nn.Parameter]:
-    """Parameters of this rank's experts (``allreduce = False``: megatron-core reduces their
-    gradients over the expert-data-parallel group, not the whole DP group)."""
-    return {name: param for chunk in chunks for name, param in chunk.named_parameters()
-            if not getattr(param, "allreduce", True)}

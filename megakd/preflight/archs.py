@@ -16,6 +16,7 @@ import os
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from megakd.configs import ConfigError, Flag, ModelArchConfig, field_flag
+from megakd.configs.model import TRAINING_ONLY_FIELDS
 from megakd.formats.checkpoints import resolve_checkpoint_dir
 from megakd.formats.model_metadata import arch_from_metadata, read_model_metadata
 
@@ -50,10 +51,13 @@ def _resolved(arch: ModelArchConfig, name: str) -> Any:
 def arch_from_checkpoint(metadata: dict, flag: str, explicit: Mapping[str, Any],
                          teacher: bool, vocab_size: Optional[int]) -> ModelArchConfig:
     """The architecture stored in ``metadata``; every explicitly given model flag (``explicit``:
-    field -> value) must agree with it, or a ConfigError names each disagreeing flag."""
+    field -> value) must agree with it, or a ConfigError names each disagreeing flag. Flags of
+    ``TRAINING_ONLY_FIELDS`` (the MoE router loss) are the run's to choose and override."""
     stored, _, _ = arch_from_metadata(metadata, flag)
     errors = []
     for name, value in explicit.items():
+        if name in TRAINING_ONLY_FIELDS:  # the run's choice (the router loss), not the model's
+            continue
         given = dataclasses.replace(stored, **{name: value})
         if _resolved(given, name) != _resolved(stored, name):
             declared = field_flag(ModelArchConfig, name)
@@ -63,7 +67,8 @@ def arch_from_checkpoint(metadata: dict, flag: str, explicit: Mapping[str, Any],
                           f"({name}={getattr(stored, name)})")
     if errors:
         raise ConfigError("; ".join(errors))
-    return dataclasses.replace(stored, vocab_size=vocab_size)
+    chosen = {name: value for name, value in explicit.items() if name in TRAINING_ONLY_FIELDS}
+    return dataclasses.replace(stored, vocab_size=vocab_size, **chosen)
 
 
 def student_from_flags(values: Dict[str, Any], group_query_attention: bool,

@@ -165,14 +165,18 @@ def environment_checks(runtime: RuntimeConfig, logging_config: Optional[LoggingC
     return errors
 
 
-def teacher_fp8_checks(fp8: TeacherFP8Config, live_teacher: bool) -> List[str]:
-    """``--teacher-fp8-format`` needs a live teacher and Transformer Engine on a GPU (the FP8
-    GEMMs are Transformer Engine's; megatron-core's local layers have none)."""
+def teacher_fp8_checks(fp8: TeacherFP8Config, live_teacher: bool, runtime: RuntimeConfig
+                       ) -> List[str]:
+    """``--teacher-fp8-format`` needs a live teacher and Transformer Engine's layer spec on a
+    GPU (the FP8 GEMMs are Transformer Engine's; megatron-core's local layers have none)."""
     if not fp8.enabled:
         return []
     flag = f"--teacher-fp8-format {fp8.format}"
     if not live_teacher:
         return [f"{flag}: this run has no live teacher (--kd-loss-weight 0 or --teacher-cache)"]
+    if runtime.attention_backend != "auto":
+        return [f"{flag}: FP8 runs on Transformer Engine's layer spec, which "
+                f"--attention-backend {runtime.attention_backend} replaces (use auto)"]
     if not transformer_engine_available():
         return [f"{flag}: FP8 execution needs Transformer Engine on a CUDA device, which does "
                 "not import here (NGC PyTorch container, or pip install "

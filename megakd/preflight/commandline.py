@@ -53,10 +53,14 @@ from megakd.preflight import checks
 from megakd.preflight.archs import GROUP_QUERY_ATTENTION, resolve_archs, stored_model_metadata
 from megakd.runtime.launcher import discover_world_size
 
-_MODEL = ("seq_length", "max_position_embeddings")
+MODEL_SHAPE_FIELDS = ("seq_length", "max_position_embeddings")
 _TEACHER_DATA = ("teacher_vocab_size",)
+# The layout flags of tools that run one model without training it.
+_MODEL_PARALLEL = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                   "num_layers_per_virtual_pipeline_stage", "expert_model_parallel_size",
+                   "expert_tensor_parallel_size", "moe_token_dispatcher_type")
 _DATA = tuple(f.name for f in dataclasses.fields(DataConfig)
-              if f.name not in _MODEL + _TEACHER_DATA)
+              if f.name not in MODEL_SHAPE_FIELDS + _TEACHER_DATA)
 _TEACHER_CHECKPOINT = ("teacher_load", "teacher_cache")
 _CHECKPOINT = tuple(f.name for f in dataclasses.fields(CheckpointConfig)
                     if f.name not in _TEACHER_CHECKPOINT)
@@ -101,7 +105,7 @@ PRETRAIN = Tool(
     divergence_flags=True,
     sections=(
         Section("student model", ModelArchConfig, switches=(GROUP_QUERY_ATTENTION,)),
-        Section("student model", DataConfig, fields=_MODEL),
+        Section("student model", DataConfig, fields=MODEL_SHAPE_FIELDS),
         Section("teacher model (unset fields default to the student's)", ModelArchConfig,
                 teacher=True),
         Section("teacher model (unset fields default to the student's)", DataConfig,
@@ -137,11 +141,9 @@ PRECOMPUTE = Tool(
                                      "comes from its megakd_model.json)"),
                     ("teacher_cache", "cache directory to write; a partial cache there is "
                                       "resumed"))),
-        Section("teacher", DataConfig, fields=_MODEL),
+        Section("teacher", DataConfig, fields=MODEL_SHAPE_FIELDS),
         Section("teacher", TeacherFP8Config),
-        Section("parallelism", ParallelConfig, fields=(
-            "tensor_model_parallel_size", "pipeline_model_parallel_size",
-            "num_layers_per_virtual_pipeline_stage")),
+        Section("parallelism", ParallelConfig, fields=_MODEL_PARALLEL),
         Section("samples", TrainingConfig, fields=(
             "micro_batch_size", "global_batch_size", "train_iters", "seed", "bf16")),
         Section("data", DataConfig, fields=_DATA),
@@ -163,10 +165,8 @@ GENERATE = Tool(
         Section("model", CheckpointConfig, fields=("load",), required=("load",), helps=(
             ("load", "the model: a checkpoint root or directory (its architecture comes from "
                      "its megakd_model.json)"),)),
-        Section("model", DataConfig, fields=_MODEL),
-        Section("parallelism", ParallelConfig, fields=(
-            "tensor_model_parallel_size", "pipeline_model_parallel_size",
-            "num_layers_per_virtual_pipeline_stage")),
+        Section("model", DataConfig, fields=MODEL_SHAPE_FIELDS),
+        Section("parallelism", ParallelConfig, fields=_MODEL_PARALLEL),
         Section("prompts", BatchGenerationConfig),
         Section("prompts", DataConfig, fields=(
             "messages_key", "prompt_key", "response_key", "tokenizer_type", "tokenizer_model",
@@ -256,7 +256,7 @@ def _sections(tool: Tool, ns: argparse.Namespace, world_size: int) -> Dict[type,
     return built
 
 
-def _raise(errors: List[str]) -> None:
+def raise_errors(errors: List[str]) -> None:
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -280,7 +280,7 @@ def _section_checks(sections: Sequence[Any], kd: Optional[KDConfig] = None,
     return errors
 
 
-def _parse(tool: Tool, argv: Optional[Sequence[str]], world_size: Optional[int]
+def parse_tool(tool: Tool, argv: Optional[Sequence[str]], world_size: Optional[int]
            ) -> Tuple[Dict[type, Any], Any, Any]:
     """Parse, assemble and bounds-check: (sections by class, student, teacher)."""
     parser = tool.parser()
@@ -291,21 +291,23 @@ def _parse(tool: Tool, argv: Optional[Sequence[str]], world_size: Optional[int]
         _, unknown = tool.tolerates.parser().parse_known_args(rest)
         if unknown:
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    _raise(missing_required(tool.sections, ns))
+    raise_errors(missing_required(tool.sections, ns))
     world = world_size if world_size is not None else discover_world_size()
     built = _sections(tool, ns, world)
     kd = built[KDConfig] if tool.divergence_flags else None
-    _raise(_section_checks(built.values(), kd, tool.choices))
+    raise_errors(_section_checks(built.values(), kd, tool.choices))
     student, teacher = _architectures(tool, ns, explicit_dests(parser, argv), built[DataConfig],
                                       built.get(CheckpointConfig, CheckpointConfig()))
     return built, student, teacher
 
 
-def _layout_rules(par: ParallelConfig, archs: Sequence[Tuple[ModelArchConfig, bool]]
-                  ) -> List[str]:
+def layout_rules(par: ParallelConfig, archs: Sequence[Tuple[ModelArchConfig, bool]],
+                  seq_length: Optional[int] = None) -> List[str]:
     errors = rules.parallel_rules(par)
     for arch, is_teacher in archs:
         errors += rules.arch_rules(arch, par, teacher=is_teacher)
+        if seq_length is not None:
+            errors += rules.sliding_window_rules(arch, seq_length, teacher=is_teacher)
     return errors
 
 
@@ -319,7 +321,7 @@ def parse_pretrain_args(argv: Optional[Sequence[str]] = None,
     """``tools/pretrain_kd.py``'s flags as a validated :class:`KDRunConfig`: flag rules, then
     every file check (data, checkpoints, tokenizer, teacher cache). Raises ConfigError listing
     every problem, each naming its flag or file."""
-    built, student, teacher = _parse(PRETRAIN, argv, world_size)
+    built, student, teacher = parse_tool(PRETRAIN, argv, world_size)
     config = KDRunConfig(student=student, teacher=teacher, **{
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
@@ -328,9 +330,10 @@ def parse_pretrain_args(argv: Optional[Sequence[str]] = None,
             ("student_data", StudentDataConfig), ("generation", GenerationConfig),
             ("teacher_fp8", TeacherFP8Config))})
     check_pretrain_config(config)
-    _raise(checks.teacher_fp8_checks(
-        config.teacher_fp8, config.kd.uses_teacher and not config.checkpoint.teacher_cache))
-    _raise(_file_checks(config.data, config.kd, config.checkpoint, config.training,
+    raise_errors(checks.teacher_fp8_checks(
+        config.teacher_fp8, config.kd.uses_teacher and not config.checkpoint.teacher_cache,
+        config.runtime))
+    raise_errors(_file_checks(config.data, config.kd, config.checkpoint, config.training,
                         config.runtime, config.logging,
                         generates=config.student_data.enabled or config.eval.generate > 0))
     return config
@@ -344,8 +347,10 @@ def check_pretrain_config(config: KDRunConfig) -> None:
                 config.eval, config.logging, config.student_data, config.generation,
                 config.teacher_fp8,
                 (config.student, False), (config.teacher, True)]
-    _raise(_section_checks(sections, config.kd, PRETRAIN.choices))
-    errors = _layout_rules(par, [(config.student, False), (config.teacher, True)])
+    raise_errors(_section_checks(sections, config.kd, PRETRAIN.choices))
+    errors = layout_rules(par, [(config.student, False), (config.teacher, True)],
+                           data.seq_length)
+    errors += rules.moe_student_rules(config.student, par)
     errors += rules.data_rules(data, par.tensor_model_parallel_size)
     if par.world_size % par.model_parallel_size == 0:
         errors += rules.batch_rules(train, par.data_parallel_size)
@@ -356,21 +361,23 @@ def check_pretrain_config(config: KDRunConfig) -> None:
     errors += rules.logging_rules(config.logging)
     errors += rules.student_data_rules(config.student_data, config.kd, data, config.checkpoint,
                                        config.eval)
-    _raise(errors)
+    errors += rules.intermediate_kd_rules(config.kd, config.student, config.teacher,
+                                          config.checkpoint)
+    raise_errors(errors)
 
 
 def parse_precompute_args(argv: Optional[Sequence[str]] = None,
                           world_size: Optional[int] = None) -> PrecomputeRunConfig:
     """``tools/precompute_teacher_topk.py``'s flags as a validated :class:`PrecomputeRunConfig`."""
-    built, _, teacher = _parse(PRECOMPUTE, argv, world_size)
+    built, _, teacher = parse_tool(PRECOMPUTE, argv, world_size)
     config = PrecomputeRunConfig(teacher=teacher, **{
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
             ("kd", KDConfig), ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
             ("precompute", PrecomputeConfig), ("teacher_fp8", TeacherFP8Config))})
     par, train, data = config.parallel, config.training, config.data
-    _raise(_section_checks([(teacher, True)]))
-    errors = _layout_rules(par, [(teacher, True)])
+    raise_errors(_section_checks([(teacher, True)]))
+    errors = layout_rules(par, [(teacher, True)], data.seq_length)
     errors += rules.data_rules(data, par.tensor_model_parallel_size)
     if par.world_size % par.model_parallel_size == 0:
         errors += rules.batch_rules(train, par.data_parallel_size)
@@ -379,9 +386,9 @@ def parse_precompute_args(argv: Optional[Sequence[str]] = None,
     if shard % train.micro_batch_size:
         errors.append(f"--cache-samples-per-shard={shard} must be a multiple of "
                       f"--micro-batch-size ({train.micro_batch_size})")
-    _raise(errors)
-    _raise(checks.teacher_fp8_checks(config.teacher_fp8, live_teacher=True))
-    _raise(_file_checks(data, config.kd, config.checkpoint, None, config.runtime, None))
+    raise_errors(errors)
+    raise_errors(checks.teacher_fp8_checks(config.teacher_fp8, True, config.runtime))
+    raise_errors(_file_checks(data, config.kd, config.checkpoint, None, config.runtime, None))
     return config
 
 
@@ -406,18 +413,18 @@ def _file_checks(data: DataConfig, kd: KDConfig, ckpt: CheckpointConfig,
 def parse_generate_args(argv: Optional[Sequence[str]] = None,
                         world_size: Optional[int] = None) -> GenerateRunConfig:
     """``tools/generate.py``'s flags as a validated :class:`GenerateRunConfig`."""
-    built, model, _ = _parse(GENERATE, argv, world_size)
+    built, model, _ = parse_tool(GENERATE, argv, world_size)
     config = GenerateRunConfig(model=model, **{
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
             ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
             ("generation", GenerationConfig), ("batch", BatchGenerationConfig))})
     par, data = config.parallel, config.data
-    _raise(_section_checks([(model, False)]))
-    errors = _layout_rules(par, [(model, False)])
+    raise_errors(_section_checks([(model, False)]))
+    errors = layout_rules(par, [(model, False)], data.seq_length)
     errors += rules.vocab_rules(data, par.tensor_model_parallel_size)
     errors += rules.prompt_rules(data)
-    _raise(errors)
+    raise_errors(errors)
     errors = checks.environment_checks(config.runtime, None)
     errors += checks.checkpoint_checks(config.checkpoint)
     errors += checks.prompts_file_checks(config.batch.prompts, data)
@@ -426,7 +433,7 @@ def parse_generate_args(argv: Optional[Sequence[str]] = None,
     errors += problems
     if tokenizer is not None:
         errors += checks.tokenizer_checks(tokenizer, None, {"--load": config.checkpoint.load})
-    _raise(errors)
+    raise_errors(errors)
     return config
 
 

@@ -24,7 +24,8 @@ from megakd.formats.checkpoints import holds_checkpoint
 from megakd.formats.model_metadata import arch_from_metadata
 from megakd.preflight import checks
 from megakd.preflight.archs import stored_model_metadata
-from megakd.preflight.commandline import _MODEL, Tool, _layout_rules, _parse, _raise
+from megakd.preflight.commandline import (
+    MODEL_SHAPE_FIELDS, Tool, layout_rules, parse_tool, raise_errors)
 
 _TARGETS = ("target_num_layers", "target_hidden_size", "target_ffn_hidden_size",
             "target_num_attention_heads")
@@ -48,12 +49,15 @@ PRUNE = Tool(
                                 "architecture comes from its megakd_model.json)"),
                        ("save", "checkpoint root to write the pruned model to (release/ and "
                                 "its tracker); must be new or empty"))),
-        Section("model", DataConfig, fields=_MODEL),
+        Section("model", DataConfig, fields=MODEL_SHAPE_FIELDS),
         Section("targets (unset: keep that size)", PruneConfig, fields=_TARGETS),
         Section("importance", PruneConfig, fields=("calib_batches", "layer_importance")),
         Section("parallelism", ParallelConfig, fields=(
             "tensor_model_parallel_size", "pipeline_model_parallel_size")),
-        Section("calibration data", TrainingConfig, fields=("micro_batch_size", "seed", "bf16")),
+        Section("calibration data", TrainingConfig, fields=("micro_batch_size", "seed", "bf16"),
+                helps=(("seed", "seed of the calibration samples' order (the data split)"),
+                       ("bf16", "calibrate in bf16 (the pruned weights keep the checkpoint's "
+                                "dtype)"))),
         Section("calibration data", DataConfig, fields=_CALIBRATION_DATA),
         Section("runtime", RuntimeConfig, fields=("device", "distributed_timeout_minutes")),
     ),
@@ -94,15 +98,15 @@ def parse_prune_args(argv: Optional[Sequence[str]] = None,
     flag rules and the targets against its architecture, then the data and tokenizer files.
     Raises ConfigError listing every problem, each naming its flag or file."""
     given = PRUNE.parser().parse_args(argv)
-    _raise(_load_checks(given.load))
-    built, model, _ = _parse(PRUNE, argv, world_size)
+    raise_errors(_load_checks(given.load))
+    built, model, _ = parse_tool(PRUNE, argv, world_size)
     config = PruneRunConfig(model=model, **{
         name: built[cls] for name, cls in (
             ("parallel", ParallelConfig), ("training", TrainingConfig), ("data", DataConfig),
             ("checkpoint", CheckpointConfig), ("runtime", RuntimeConfig),
             ("prune", PruneConfig))})
     par, data, ckpt = config.parallel, config.data, config.checkpoint
-    errors = _layout_rules(par, [(model, False)])
+    errors = layout_rules(par, [(model, False)])
     errors += prune_rules(config.prune, model, par)
     errors += rules.data_rules(data, par.tensor_model_parallel_size)
     rows, tp = _stored_rows(ckpt.load), par.tensor_model_parallel_size
@@ -110,7 +114,7 @@ def parse_prune_args(argv: Optional[Sequence[str]] = None,
         errors.append(f"--load {ckpt.load}: its {rows} embedding rows are not divisible by "
                       f"--tensor-model-parallel-size={tp}")
     errors += _save_checks(ckpt.save, ckpt.load)
-    _raise(errors)
+    raise_errors(errors)
     errors = checks.environment_checks(config.runtime, None) + checks.data_file_checks(data)
     tokenizer, problems = checks.load_run_tokenizer(data)
     errors += problems
@@ -119,6 +123,6 @@ def parse_prune_args(argv: Optional[Sequence[str]] = None,
         if tokenizer.vocab_size > rows:
             errors.append(f"the tokenizer has {tokenizer.vocab_size} tokens, more than the "
                           f"{rows} embedding rows of --load {ckpt.load}")
-    _raise(errors)
+    raise_errors(errors)
     return config
 

@@ -46,7 +46,7 @@ def importance_from(statistics: Dict[int, LayerStatistics], head_dim: int) -> Im
     hidden = torch.stack([s.hidden_sq.sqrt().sum(dim=0) for s in ordered]).sum(dim=0)
     heads = {i: s.head_sq.view(-1, head_dim).sum(dim=1).sqrt() for i, s in statistics.items()}
     ffn = {i: s.ffn_sq.sqrt() for i, s in statistics.items()}
-    layers = {i: s.cosine_distance / max(s.tokens, 1) for i, s in statistics.items()}
+    layers = {i: float(s.cosine_distance) / max(s.tokens, 1) for i, s in statistics.items()}
     return Importance(hidden=hidden, heads=heads, ffn=ffn, layers=layers)
 
 

@@ -120,7 +120,10 @@ def pruned_metadata(source: dict, pruned: ModelArchConfig, padded_vocab: int) ->
 def run_prune(config: PruneRunConfig, device: torch.device,
               log: Callable[[str], None] = print) -> PruningPlan:
     """Collective over all ranks of the initialised process groups: prune ``--load`` into
-    ``--save`` (a release checkpoint root). Returns the plan (the same on every rank)."""
+    ``--save`` (a release checkpoint root); rank 0 logs. Returns the plan (the same on every
+    rank)."""
+    rank = torch.distributed.get_rank()
+    log = log if rank == 0 else (lambda line: None)
     source_dir = resolve_checkpoint_dir(config.checkpoint.load, "--load")
     source = read_model_metadata(source_dir)
     _, padded_vocab, _ = arch_from_metadata(source, f"--load {config.checkpoint.load}")
@@ -135,7 +138,6 @@ def run_prune(config: PruneRunConfig, device: torch.device,
         with open(os.path.join(directory + STAGING_SUFFIX, REPORT_FILENAME), "w") as handle:
             handle.write(report)
 
-    rank = torch.distributed.get_rank()
     if rank == 0:
         os.makedirs(root, exist_ok=True)
     start = time.perf_counter()

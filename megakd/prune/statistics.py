@@ -28,12 +28,13 @@ import torch.nn.functional as F
 
 @dataclass
 class LayerStatistics:
-    """Sums over calibration samples for one transformer layer."""
+    """Sums over calibration samples for one transformer layer (fp64, on the layer's device
+    while collected, on the CPU once gathered)."""
 
     hidden_sq: torch.Tensor  # [2, h]: input-norm and pre-MLP-norm outputs
     head_sq: torch.Tensor  # [H*d] (this rank's [H/tp*d] until gathered)
     ffn_sq: torch.Tensor  # [F] (this rank's [F/tp] until gathered)
-    cosine_distance: float = 0.0  # sum over tokens of 1 - cos(layer input, layer output)
+    cosine_distance: torch.Tensor  # []: sum over tokens of 1 - cos(layer input, layer output)
     tokens: int = 0
 
 
@@ -56,37 +57,39 @@ class StatisticsCollector:
                 self._watch(layer)
 
     def _watch(self, layer: torch.nn.Module) -> None:
-        index = layer.layer_number - 1
         attention, mlp = layer.self_attention, layer.mlp
-        self.layers[index] = stats = LayerStatistics(
-            hidden_sq=torch.zeros(2, layer.config.hidden_size, dtype=torch.float64),
-            head_sq=torch.zeros(attention.linear_proj.input_size_per_partition,
-                                dtype=torch.float64),
-            ffn_sq=torch.zeros(mlp.linear_fc2.input_size_per_partition, dtype=torch.float64))
+        device = next(layer.parameters()).device
+
+        def zeros(*shape: int) -> torch.Tensor:
+            return torch.zeros(shape, dtype=torch.float64, device=device)
+
+        self.layers[layer.layer_number - 1] = stats = LayerStatistics(
+            hidden_sq=zeros(2, layer.config.hidden_size),
+            head_sq=zeros(attention.linear_proj.input_size_per_partition),
+            ffn_sq=zeros(mlp.linear_fc2.input_size_per_partition), cosine_distance=zeros())
 
         def norm_hook(site: int):
             def hook(module, inputs, output):
-                stats.hidden_sq[site] += squared_mean_magnitude(output).cpu()
+                stats.hidden_sq[site] += squared_mean_magnitude(output)
             return hook
 
-        def input_hook(name: str):
+        def input_hook(total: torch.Tensor):
             def hook(module, args):
-                total = getattr(stats, name)
-                total += squared_mean_magnitude(args[0]).cpu()
+                total.add_(squared_mean_magnitude(args[0]))
             return hook
 
         def layer_hook(module, args, kwargs, output):
             x_in = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             x_out = output[0] if isinstance(output, tuple) else output
             distance = 1.0 - F.cosine_similarity(x_in.float(), x_out.float(), dim=-1)  # [s, b]
-            stats.cosine_distance += float(distance.double().sum())
+            stats.cosine_distance += distance.double().sum()
             stats.tokens += distance.numel()
 
         self._handles += [
             layer.input_layernorm.register_forward_hook(norm_hook(0)),
             layer.pre_mlp_layernorm.register_forward_hook(norm_hook(1)),
-            attention.linear_proj.register_forward_pre_hook(input_hook("head_sq")),
-            mlp.linear_fc2.register_forward_pre_hook(input_hook("ffn_sq")),
+            attention.linear_proj.register_forward_pre_hook(input_hook(stats.head_sq)),
+            mlp.linear_fc2.register_forward_pre_hook(input_hook(stats.ffn_sq)),
             layer.register_forward_hook(layer_hook, with_kwargs=True),
         ]
 
@@ -117,35 +120,37 @@ def _tp_gather(shard: torch.Tensor) -> torch.Tensor:
 
 
 def _flatten(stats: LayerStatistics) -> torch.Tensor:
-    return torch.cat([stats.hidden_sq.flatten(), stats.head_sq, stats.ffn_sq,
-                      torch.tensor([stats.cosine_distance, float(stats.tokens)],
-                                   dtype=torch.float64)])
+    tail = torch.stack([stats.cosine_distance,
+                        torch.tensor(float(stats.tokens), dtype=torch.float64,
+                                     device=stats.cosine_distance.device)])
+    return torch.cat([stats.hidden_sq.flatten(), stats.head_sq, stats.ffn_sq, tail])
 
 
 def _unflatten(flat: torch.Tensor, like: LayerStatistics) -> LayerStatistics:
     sizes = [like.hidden_sq.numel(), like.head_sq.numel(), like.ffn_sq.numel(), 2]
-    hidden, heads, ffn, tail = torch.split(flat, sizes)
-    return LayerStatistics(hidden.view_as(like.hidden_sq).clone(), heads.clone(), ffn.clone(),
-                           float(tail[0]), int(round(float(tail[1]))))
+    hidden, heads, ffn, tail = (part.cpu() for part in torch.split(flat, sizes))
+    return LayerStatistics(hidden.view(like.hidden_sq.shape).clone(), heads.clone(), ffn.clone(),
+                           tail[0].clone(), int(round(float(tail[1]))))
 
 
 def gather_statistics(local: Dict[int, LayerStatistics], device: torch.device
                       ) -> Dict[int, LayerStatistics]:
     """Collective over all ranks: every layer's statistics, summed over all calibration
-    samples, on every rank (see the module doc for what is communicated)."""
+    samples, on every rank, on the CPU (see the module doc for what is communicated)."""
     from megatron.core import parallel_state
 
-    gathered = {index: LayerStatistics(stats.hidden_sq, _tp_gather(stats.head_sq.to(device)).cpu(),
-                                       _tp_gather(stats.ffn_sq.to(device)).cpu(),
-                                       stats.cosine_distance, stats.tokens)
-                for index, stats in sorted(local.items())}
-    order = sorted(gathered)
-    if order:
-        flat = torch.cat([_flatten(gathered[i]) for i in order]).to(device)
+    order = sorted(local)
+    gathered = {i: LayerStatistics(local[i].hidden_sq.to(device),
+                                   _tp_gather(local[i].head_sq.to(device)),
+                                   _tp_gather(local[i].ffn_sq.to(device)),
+                                   local[i].cosine_distance.to(device), local[i].tokens)
+                for i in order}
+    if order:  # every stage holds at least one layer
+        flats = [_flatten(gathered[i]) for i in order]
+        flat = torch.cat(flats)
         torch.distributed.all_reduce(flat, group=parallel_state.get_data_parallel_group())
-        sizes = [_flatten(gathered[i]).numel() for i in order]
-        gathered = {i: _unflatten(part.cpu(), gathered[i])
-                    for i, part in zip(order, torch.split(flat, sizes))}
+        gathered = {i: _unflatten(part, gathered[i])
+                    for i, part in zip(order, torch.split(flat, [f.numel() for f in flats]))}
     stages = [None] * parallel_state.get_pipeline_model_parallel_world_size()
     torch.distributed.all_gather_object(stages, gathered,
                                         group=parallel_state.get_pipeline_model_parallel_group())

@@ -128,6 +128,9 @@ def _sharded(piece: Piece, data, layers: int, layer: Optional[int]):
 def read_pieces(pieces: List[Piece], checkpoint_dir: str, source_layers: int,
                 flag: str) -> List:
     """Collective: the source data of ``pieces`` (this rank's), in order."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
     request = {}
     for index, piece in enumerate(pieces):
         if piece.is_tensor:
@@ -135,9 +138,6 @@ def read_pieces(pieces: List[Piece], checkpoint_dir: str, source_layers: int,
             request[str(index)] = _sharded(piece, data, source_layers, piece.source_layer)
         else:
             request[str(index)] = _sharded(piece, None, source_layers, piece.source_layer)
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException
-
     try:  # the dropped layers are never read: no check that every shard is
         loaded = dist_checkpointing.load(request, checkpoint_dir, validate_access_integrity=False)
     except (Exception, CheckpointException) as error:

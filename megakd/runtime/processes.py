@@ -7,6 +7,9 @@ runs no finalizer, so that server would outlive it, orphaned, forever. :func:`st
 megatron a results queue served by a manager that this module starts itself, with the Linux
 parent-death signal set, so the server dies with its rank. This pre-seeds megatron-core's
 module-level queue (it creates one only when none exists); it changes no megatron code path.
+The server is forked, as megatron-core forks its own write workers: a spawned one re-imports
+the tool's main module, megatron-core included (3 s at every run's first save), only to
+serve a queue of small write results (no tensors cross it).
 :func:`kill_children` ends every child process at once (the watchdog calls it before a rank
 exits on a vanished launcher or peer).
 """
@@ -35,6 +38,13 @@ def die_with_parent() -> None:
             pass
 
 
+def _serve_queue_init() -> None:
+    """In the forked manager server: die with the rank, and drop the rank's SIGTERM handler
+    (a forked child inherits it) so that a terminate ends the server."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent()
+
+
 def start() -> None:
     """Serve megatron-core's checkpoint-write results queue from a manager that dies with this
     rank. Idempotent; called before a rank's first checkpoint save, so runs that never save
@@ -42,8 +52,8 @@ def start() -> None:
     global _manager
     if _manager is not None or filesystem_async._results_queue is not None:
         return
-    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
-    manager.start(initializer=die_with_parent)
+    manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("fork"))
+    manager.start(initializer=_serve_queue_init)
     _manager = manager
     filesystem_async._results_queue = manager.Queue()
 

@@ -7,10 +7,12 @@ torch.distributed was started with: torchrun's agent hosts it, or rank 0 without
 * **launcher death**: under a launcher (torchrun, srun, mpirun) the rank's parent process is
   the launcher; when it is gone (the rank was re-parented), the rank prints one line and exits
   at once, writing nothing further (a SIGKILLed torchrun leaves no orphans training on);
-* **peer death**: every rank increments its heartbeat counter in the store and watches its
-  neighbour's (rank + 1): a neighbour silent for ``heartbeat_timeout`` seconds (at most the
-  collective timeout) is reported to every rank, which all exit naming it; a store that stops
-  answering means its host (rank 0, or the launcher) is gone;
+* **peer death**: a peer on this host whose process is gone (its pid, posted in the store,
+  no longer runs) is reported within ``POLL_SECONDS``; across hosts every rank increments its
+  heartbeat counter in the store and watches its neighbour's (rank + 1): a neighbour silent
+  for ``heartbeat_timeout`` seconds (at most the collective timeout) is reported. Every rank
+  then exits naming it; a store that stops answering means its host (rank 0, or the launcher)
+  is gone;
 * **one rank's bad input**: :func:`abort_peers` posts a rank's one-line error; every other rank
   prints the same line and exits with the same status instead of waiting in a collective.
   Every rank counts itself out and waits (bounded) until all have read it, so the store stays
@@ -69,6 +71,10 @@ class _Watchdog:
         self.neighbour_beats, self.neighbour_seen = -1, time.monotonic()
         self.callbacks: List[List] = []  # [interval, fn, next due]
         self.aborting = False  # this rank posted (or is handling) an abort itself
+        self.local_peers: dict = {}  # rank -> pid of the peers on this host (posted in the store)
+        self.unposted = [r for r in range(world_size) if r != rank]  # peers not yet looked up
+        self.gone: set = set()  # peers known dead: they never count out
+        self.leaving = threading.Event()  # this thread is ending the process
         self.stopped = threading.Event()
         self.thread = threading.Thread(target=self._run, name="megakd-watchdog", daemon=True)
         self.store.set(f"info/{rank}", f"{socket.gethostname()}:{os.getpid()}")
@@ -95,6 +101,7 @@ class _Watchdog:
         self.store.add(f"beat/{self.rank}", 1)
         if self.world_size < 2:
             return
+        self._check_local_peers()
         beats = self.store.add(f"beat/{self.neighbour}", 0)
         now = time.monotonic()
         if beats != self.neighbour_beats:
@@ -104,6 +111,24 @@ class _Watchdog:
                                   f"{now - self.neighbour_seen:.0f} s); exiting without "
                                   "saving"), LOST_STATUS)
             self._exit_with_posted_message()
+
+    def _check_local_peers(self) -> None:
+        """Abort naming a peer of this host whose process is gone (a few syscalls per poll)."""
+        if self.aborting:
+            return
+        host = socket.gethostname()
+        for peer in [r for r in self.unposted if self.store.check([f"info/{r}"])]:
+            self.unposted.remove(peer)
+            peer_host, _, pid = self.store.get(f"info/{peer}").decode().rpartition(":")
+            if peer_host == host:
+                self.local_peers[peer] = int(pid)
+        for peer, pid in self.local_peers.items():
+            if not process_alive(pid):
+                self.gone.add(peer)
+                self.leaving.set()
+                self.abort(error_line(f"rank {self.rank}: rank {peer} (pid {pid}) is gone; "
+                                      "exiting without saving"), LOST_STATUS)
+                self._exit_with_posted_message()
 
     def _run_callbacks(self) -> None:
         now = time.monotonic()
@@ -124,12 +149,14 @@ class _Watchdog:
         os.dup2(devnull, sys.stderr.fileno())
 
     def _leave(self, message: str) -> None:
+        self.leaving.set()
         print(error_line(message), file=sys.stderr, flush=True)
         self._silence_stderr()
         kill_children()  # helpers (checkpoint writers) must not outlive the rank
         os._exit(LOST_STATUS)
 
     def _exit_with_posted_message(self) -> None:
+        self.leaving.set()
         payload = self.store.get(_ABORT).decode("utf-8", "replace")
         status_text, _, line = payload.partition("\n")
         print(line, file=sys.stderr, flush=True)
@@ -145,7 +172,7 @@ class _Watchdog:
             self.store.add(_EXITING, 1)
             deadline = time.monotonic() + EXIT_WAIT_SECONDS
             while time.monotonic() < deadline:
-                if self.store.add(_EXITING, 0) >= self.world_size:
+                if self.store.add(_EXITING, 0) >= self.world_size - len(self.gone):
                     break
                 time.sleep(0.05)
         except Exception:  # the store went away meanwhile: nobody is left to wait for
@@ -233,6 +260,9 @@ def lost_peer_error(error: BaseException) -> Optional[PeerLostError]:
     if not (isinstance(error, torch.distributed.DistBackendError)
             or any(sign in text for sign in _PEER_LOSS_SIGNS)):
         return None
+    if _active is not None and _active.leaving.is_set():
+        # the watchdog thread has seen it and is printing the one line and ending the process
+        _active.stopped.wait(EXIT_WAIT_SECONDS + 5.0)
     who = "a peer rank is gone"
     if _active is not None:
         try:

@@ -40,11 +40,12 @@ def pretrain_kd(config: KDRunConfig, log: Callable[[str], None] = print,
             log(_start_line(config, state))
         history = train(state, log=log, hooks=hooks)  # checkpoints to --save as configured
         if is_logging_rank() and history.records:  # none when resumed at --train-iters
-            lm = history.first_last("lm loss")
-            kd = history.first_last("kd loss")
             summary = (f"megakd: done {state.iteration} iterations in "
-                       f"{time.perf_counter() - start:.1f} s | lm loss {lm[0]:.4f} -> {lm[1]:.4f}")
-            if kd[0] is not None:
-                summary += f" | kd loss {kd[0]:.4f} -> {kd[1]:.4f}"
+                       f"{time.perf_counter() - start:.1f} s")
+            # on-policy runs have no CE tokens: no lm loss
+            for name in ("lm loss", "kd loss", "hidden loss"):
+                first, last = history.first_last(name)
+                if first is not None:
+                    summary += f" | {name} {first:.4f} -> {last:.4f}"
             log(summary)
         return history

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import random
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -25,15 +25,16 @@ from megakd.formats.checkpoints import (
     is_checkpoint_dir,
     load_model_states,
     load_common,
-    load_model_weights,
     load_sharded,
     model_sharded_state,
     remove_staging_dirs,
     resolve_checkpoint_dir,
     save_staged,
+    unwrap,
     write_tracker,
 )
 from megakd.formats.model_metadata import model_metadata
+from megakd.distill import is_projection_key
 from megakd.runtime import processes, watchdog
 from megakd.training.nonfinite import check_finite_state
 from megakd.training.state import TrainingState
@@ -251,11 +252,55 @@ def _no_checkpoint_yet(load: str, save: Optional[str]) -> bool:
     return not os.path.isdir(load) or not holds_checkpoint(load)
 
 
+def _student_state(state: TrainingState, directory: str, flag: str, with_optimizer: bool,
+                   log: Callable[[str], None]) -> Tuple[Dict[str, dict], List[str]]:
+    """The student's sharded state to request from ``directory``, and the hidden-state
+    projections (``--kd-intermediate-pairs``) it lacks: a checkpoint of a run without them, a
+    converted or pruned model. Those keep their initialisation (weights only: their optimizer
+    state cannot be resumed, so a full resume is refused naming the way out)."""
+    model_state = model_sharded_state(state.student)
+    wanted = [key for chunk in model_state.values() for key in chunk if is_projection_key(key)]
+    if not wanted:
+        return model_state, []
+    from megatron.core import dist_checkpointing
+
+    stored = dist_checkpointing.load_tensors_metadata(directory)
+    absent = [key for key in wanted if key not in stored]
+    if absent and with_optimizer:
+        raise CheckpointError(f"{flag} {directory} holds no hidden-state projection "
+                              f"({', '.join(absent)}) for --kd-intermediate-pairs, so its "
+                              "optimizer state cannot resume them: pass --no-load-optim or "
+                              "--finetune")
+    if absent and torch.distributed.get_rank() == 0:
+        log(f"megakd: {flag} {directory} has no hidden-state projection "
+            f"{', '.join(absent)}; starting from its initialisation")
+    return {name: {key: value for key, value in chunk.items() if key not in absent}
+            for name, chunk in model_state.items()}, absent
+
+
+def _load_student_states(chunks: List[torch.nn.Module], loaded: dict,
+                         absent: Sequence[str]) -> None:
+    """Load each chunk's weights; only the ``absent`` projections may be missing."""
+    if not absent:
+        load_model_states(chunks, loaded)
+        return
+    names = list(model_sharded_state(chunks))
+    for chunk, name in zip(chunks, names):
+        result = unwrap(chunk).load_state_dict(loaded[name], strict=False)
+        wrong = [k for k in result.missing_keys if k not in absent] + result.unexpected_keys
+        if wrong:
+            raise CheckpointError(f"checkpoint keys do not match the student: {wrong[:4]}")
+
+
 def _load_pretrained(state: TrainingState, path: str, log: Callable[[str], None]
                      ) -> LoadedCheckpoint:
     """``--pretrained-checkpoint``: the student's initial weights (any layout, weights only),
     for a run whose ``--load`` root has no checkpoint yet; iteration 0, fresh optimizer."""
-    directory = load_model_weights(state.student, path, flag="--pretrained-checkpoint")
+    flag = "--pretrained-checkpoint"
+    directory = resolve_checkpoint_dir(path, flag)
+    # sharded tensor keys are global: weights saved at any TP/PP/VPP layout load here
+    model_state, absent = _student_state(state, directory, flag, False, log)
+    _load_student_states(state.student, load_sharded(model_state, directory, flag), absent)
     state.optimizer.reload_model_params()  # main (fp32) params from the loaded weights
     if torch.distributed.get_rank() == 0:
         log(f"megakd: loaded initial weights from --pretrained-checkpoint {path}; "
@@ -317,7 +362,7 @@ def load_checkpoint(state: TrainingState, log: Callable[[str], None] = print
     if not weights_only:
         _load_scheduler(state.scheduler, training["scheduler"], options.load)
 
-    model_state = model_sharded_state(state.student)
+    model_state, absent = _student_state(state, directory, "--load", with_optimizer, log)
     request = dict(model_state)
     if with_optimizer:
         _prepare_fresh_optimizer_state(state.optimizer)
@@ -333,7 +378,7 @@ def load_checkpoint(state: TrainingState, log: Callable[[str], None] = print
         request[SOURCE_STATE_KEY] = _source_sharded_object(None)
     loaded = load_sharded(request, directory, "--load")
 
-    load_model_states(state.student, loaded)
+    _load_student_states(state.student, loaded, absent)
     if with_optimizer:
         with torch.no_grad():  # fp32 main shards can be views of the (grad-requiring) params
             state.optimizer.load_state_dict(loaded[OPTIMIZER_KEY])

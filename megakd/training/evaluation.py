@@ -145,7 +145,7 @@ def validation_scalars(losses: Dict[str, float], prefix: str = "") -> Dict[str, 
 def format_validation(title: str, losses: Dict[str, float]) -> str:
     """Megatron-LM's validation block: the losses (perplexity for ``lm loss``) between rules."""
     line = f" {title} | "
-    for name in ("lm loss", "kd loss"):
+    for name in ("lm loss", "kd loss", "hidden loss"):
         if name in losses:
             line += f"{name} value: {losses[name]:.6E} | "
             if name == "lm loss":

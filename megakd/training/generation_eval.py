@@ -13,7 +13,6 @@ import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from rouge_score import rouge_scorer
 
 from megakd.configs import GenerationConfig
 from megakd.data.packing import last_response
@@ -48,6 +47,10 @@ class GenerationEvaluator:
         self.seq_length = seq_length
         self.generation = dataclasses.replace(generation, greedy=True)
         self.dp_rank, self.device = dp_rank, device
+        # why: rouge_score pulls in nltk and scipy (1 s per process start); only
+        # --eval-generate runs need it
+        from rouge_score import rouge_scorer
+
         self.scorer = rouge_scorer.RougeScorer(["rougeL"])
 
     def _text(self, ids: List[int]) -> str:

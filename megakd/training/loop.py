@@ -13,6 +13,7 @@ import torch
 from megakd.configs import LoggingConfig
 from megakd.formats.checkpoints import remove_staging_dirs
 from megakd.formats.root_lock import REFRESH_SECONDS, RootLock
+from megakd.models.moe import router_loss_report
 from megakd.runtime import watchdog
 from megakd.distill import reduce_reported
 from megakd.training.checkpointing import save_checkpoint
@@ -41,7 +42,9 @@ class IterationRecord:
     iteration: int
     consumed_samples: int
     learning_rate: float
-    losses: Dict[str, float]  # token means: "lm loss", "kd loss" (last pipeline stage only)
+    # token means (last pipeline stage only): "lm loss", "kd loss" (logits), "hidden loss"
+    # (--kd-intermediate-pairs: summed over the pairs, reduced from the stages that own them)
+    losses: Dict[str, float]
     grad_norm: Optional[float]
     skipped: bool
     elapsed_ms: float
@@ -74,7 +77,7 @@ def format_log_line(record: IterationRecord, train_iters: int, global_batch_size
         f"learning rate: {record.learning_rate:.6E}",
         f"global batch size: {global_batch_size:5d}",
     ]
-    for name in ("lm loss", "kd loss"):
+    for name in ("lm loss", "kd loss", "hidden loss", "load_balancing_loss"):
         if name in record.losses:
             parts.append(f"{name}: {record.losses[name]:.6E}")
     if record.grad_norm is not None:
@@ -106,6 +109,7 @@ def train_step(state: TrainingState, timers=None) -> IterationRecord:
         chunk.zero_grad_buffer()
     state.optimizer.zero_grad()
     per_microbatch = state.step.run(microbatches, timers=timers)
+    router = router_loss_report(state.config.student, len(microbatches))  # collective; MoE
     timers("optimizer", log_level=1).start()
     outcome = guarded_optimizer_step(state.optimizer, per_microbatch,
                                      train.check_for_nan_in_loss_and_grad, state.runtime.device)
@@ -115,7 +119,8 @@ def train_step(state: TrainingState, timers=None) -> IterationRecord:
     state.iteration += 1
     state.consumed_samples += train.global_batch_size
     state.skips.after_step(outcome, state.iteration)  # stops a diverged run here
-    losses = reduce_reported(per_microbatch, parallel_state.get_data_parallel_group())
+    losses = {**reduce_reported(per_microbatch, parallel_state.get_data_parallel_group()),
+              **router}
     return IterationRecord(
         iteration=state.iteration,
         consumed_samples=state.consumed_samples,
@@ -150,8 +155,11 @@ def _report_iteration(state: TrainingState, history: TrainingHistory, timers,
     writers.add_scalars({
         "lm loss": record.losses.get("lm loss"),
         "kd loss": record.losses.get("kd loss"),
+        "hidden loss": record.losses.get("hidden loss"),
+        "load-balancing-loss": record.losses.get("load_balancing_loss"),
         "total loss": config.kd.objective(record.losses.get("lm loss"),
-                                          record.losses.get("kd loss")),
+                                          record.losses.get("kd loss"),
+                                          record.losses.get("hidden loss")),
         "learning-rate": record.learning_rate,
         "grad-norm": record.grad_norm,
         "tokens-per-sec": throughput,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -11,9 +11,12 @@ from megakd.data import DatasetMicrobatches, MicrobatchSource, build_tokenizer_a
 from megakd.distill import (
     DistillationLoss,
     DistillationStep,
+    HiddenStateKD,
     StudentDataMicrobatches,
     build_datasets,
+    build_hidden_kd,
     build_loaded_teacher,
+    build_projections,
     build_teacher_source,
     resolve_teacher_window,
     teacher_output_bytes,
@@ -124,6 +127,11 @@ def _teacher_window(config: KDRunConfig, padded_vocab_size: int, log: Callable[[
         logits_bytes=2 if train.bf16 else 4,
         topk_token_bytes=topk_bytes_per_token(kd.topk, TOPK_VALUE_DTYPES[kd.topk_dtype])
         if kd.topk else 0)
+    # held teacher hidden states (--kd-intermediate-pairs), at most every pair on one stage
+    tokens = config.data.seq_length // (config.parallel.tensor_model_parallel_size
+                                        if config.parallel.sequence_parallel else 1)
+    per_microbatch += (len(kd.layer_pairs) * train.micro_batch_size * tokens
+                       * config.teacher.hidden_size * (2 if train.bf16 else 4))
     vpp = config.parallel.num_layers_per_virtual_pipeline_stage is not None
     window = resolve_teacher_window(
         kd, num_microbatches, per_microbatch,
@@ -133,6 +141,18 @@ def _teacher_window(config: KDRunConfig, padded_vocab_size: int, log: Callable[[
             f"({window * per_microbatch / 2**20:.0f} MiB of teacher outputs held instead of "
             f"{num_microbatches * per_microbatch / 2**20:.0f} MiB)")
     return window
+
+
+def _hidden_state_kd(config: KDRunConfig, student_chunks: List[torch.nn.Module],
+                     teacher_chunks: Optional[List[torch.nn.Module]], projections: Dict
+                     ) -> Optional[HiddenStateKD]:
+    """``--kd-intermediate-pairs``: hooks on both models' paired layers (collective over the
+    pipeline group: which rank owns which layer); None without pairs."""
+    if not config.kd.layer_pairs or teacher_chunks is None:
+        return None
+    return build_hidden_kd(config.kd, student_chunks, teacher_chunks, projections,
+                           config.data.seq_length, config.training.micro_batch_size,
+                           config.parallel.sequence_parallel)
 
 
 def validation_samples(config: KDRunConfig) -> int:
@@ -205,14 +225,21 @@ def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] 
     student_chunks = build_student(config.student, config.parallel, vocab.padded,
                                    data.max_position_embeddings, bf16=train.bf16, device=device,
                                    attention_backend=config.runtime.attention_backend)
+    # the learned hidden-state projections (--kd-intermediate-pairs) join the student's chunks
+    # before DDP and the optimizer: trained, and saved with the student
+    projections = build_projections(config.kd, student_chunks, config.student.hidden_size,
+                                    config.teacher.hidden_size, train.seed, device)
     student = _wrap_ddp(student_chunks, config)  # --load is restored once the optimizer exists
     teacher_chunks = None
     if cache is None and config.kd.uses_teacher:
         teacher_chunks = build_loaded_teacher(config.teacher, config.parallel, data,
                                               config.runtime, vocab, train.bf16, device,
-                                              config.checkpoint.teacher_load)
+                                              config.checkpoint.teacher_load,
+                                              fp8=config.teacher_fp8)
+    hidden = _hidden_state_kd(config, student_chunks, teacher_chunks, projections)
     teacher = build_teacher_source(config.kd, teacher_chunks, cache, vocab.valid,
-                                   data.seq_length, train.micro_batch_size)
+                                   data.seq_length, train.micro_batch_size,
+                                   hidden.teacher_microbatch if hidden else None)
     loss = DistillationLoss(config.kd, vocab.valid,
                             parallel_state.get_tensor_model_parallel_group())
     optimizer, scheduler = _build_optimizer(config, student)
@@ -229,7 +256,8 @@ def setup(config: KDRunConfig, runtime: RuntimeInfo, log: Callable[[str], None] 
         config=config, runtime=runtime, student=student, teacher=teacher,
         step=DistillationStep(student, teacher, loss, data.seq_length, train.micro_batch_size,
                               parallel_state.get_data_parallel_group(),
-                              window=_teacher_window(config, vocab.padded, log)),
+                              window=_teacher_window(config, vocab.padded, log),
+                              hidden=hidden),
         source=source, optimizer=optimizer, scheduler=scheduler, train_dataset=train_dataset,
         vocab=vocab, skips=SkipPolicy(train, config.checkpoint), valid_dataset=valid_dataset,
         tokenizer=tokenizer, tokenizer_identity=tokenizer_identity(tokenizer),
