@@ -132,7 +132,7 @@ def _wait_for_iterations(log_dir: str, tag: str, count: int,
 
 
 def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
-              max_delay: float = 3.0, log=print) -> dict:
+              max_delay: float = 0.5, log=print) -> dict:
     """``kills`` SIGKILLs of the whole job with relaunches; then the comparison with an
     uninterrupted run. Each kill lands after a random number (0 to 2) of the launch's own
     iterations and a random time within one iteration plus one save (measured on the
@@ -147,7 +147,7 @@ def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
         raise RuntimeError(f"the reference run failed: {codes} (logs in {workdir})")
     # an upper bound of one iteration plus its save (the reference's startup included)
     window = max(max_delay, (time.monotonic() - started) / iters)
-    launches, done = 0, False
+    launches, killed, done = 0, 0, False
     for _ in range(kills):
         tag = f"launch{launches}"
         procs = start_job([*argv, "--load", chaos, "--save", chaos], ranks, workdir, tag)
@@ -164,6 +164,7 @@ def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
                 break
         except subprocess.TimeoutExpired:
             kill_job(procs)
+            killed += 1
             log(f"chaos: launch {launches}: SIGKILL {delay:.2f} s after its iteration {after} "
                 f"(tracker: {_tracker(chaos)})")
     if not done:
@@ -173,9 +174,9 @@ def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
         if any(codes):
             raise RuntimeError(f"the last launch failed: {codes} (logs in {workdir})")
     difference = compare_roots(chaos, reference)
-    log(f"chaos: {launches} launches, final tracker {_tracker(chaos)} vs reference "
+    log(f"chaos: {launches} launches, {killed} killed, final tracker {_tracker(chaos)} vs reference "
         f"{_tracker(reference)}; max |weight difference| = {difference}")
-    return {"launches": launches, "difference": difference, "tracker": _tracker(chaos),
+    return {"launches": launches, "kills": killed, "difference": difference, "tracker": _tracker(chaos),
             "reference_tracker": _tracker(reference)}
 
 
@@ -191,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=60)
     parser.add_argument("--ranks", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-delay", type=float, default=3.0,
+    parser.add_argument("--max-delay", type=float, default=0.5,
                         help="the random delay before a kill is drawn from [0, D] seconds, D "
                              "this or the reference run's time per iteration, the larger")
     parser.add_argument("--workdir", default=None, help="default: a temporary directory")
