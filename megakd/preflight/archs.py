@@ -72,12 +72,14 @@ def arch_from_checkpoint(metadata: dict, flag: str, explicit: Mapping[str, Any],
 
 
 def student_from_flags(values: Dict[str, Any], group_query_attention: bool,
-                       vocab_size: Optional[int]) -> ModelArchConfig:
+                       vocab_size: Optional[int], unstored: str = "") -> ModelArchConfig:
+    """The student from its model flags; ``unstored`` says why the checkpoint flags given
+    (if any) supplied no architecture, for the message when a flag is missing."""
     missing = [field_flag(ModelArchConfig, name).name for name in _REQUIRED
                if values.get(name) is None]
     if missing:
         raise ConfigError(f"{missing[0]} is required (or load a checkpoint that stores the "
-                          "architecture)")
+                          f"architecture{unstored})")
     if group_query_attention and values.get("num_query_groups") is None:
         raise ConfigError("--group-query-attention needs --num-query-groups")
     return ModelArchConfig(**values, vocab_size=vocab_size)
@@ -107,6 +109,14 @@ def _first_stored(checkpoints: Sequence[Tuple[str, Optional[str]]]
     return None, None
 
 
+def _unstored(checkpoints: Sequence[Tuple[str, Optional[str]]]) -> str:
+    """``": --load X does not exist"``-style detail for the checkpoint flags that were given."""
+    given = [(flag, path) for flag, path in checkpoints if path is not None]
+    return "".join(f"; {flag} {path} " + ("does not exist" if not os.path.isdir(path)
+                                          else "holds none")
+                   for flag, path in given)
+
+
 def resolve_archs(student_values: Optional[Dict[str, Any]],
                   teacher_values: Optional[Dict[str, Any]], explicit: Mapping[str, Dict[str, Any]],
                   group_query_attention: bool,
@@ -123,7 +133,8 @@ def resolve_archs(student_values: Optional[Dict[str, Any]],
         if stored is not None:
             student = arch_from_checkpoint(stored, flag, explicit["student"], False, vocab_size)
         else:
-            student = student_from_flags(student_values, group_query_attention, vocab_size)
+            student = student_from_flags(student_values, group_query_attention, vocab_size,
+                                         _unstored(student_checkpoints))
     teacher = None
     if teacher_values is not None:
         stored, flag = _first_stored(teacher_checkpoints)
