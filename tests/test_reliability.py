@@ -135,5 +135,6 @@ def test_random_sigkills_with_relaunches_reproduce_the_uninterrupted_run(tmp_pat
     bitwise."""
     result = chaos_kill.run_chaos(kills=2, iters=12, ranks=2, workdir=str(tmp_path), seed=3)
     assert result["kills"] == 2
+    assert result["orphans"] == []  # no forked helper of a killed rank lives on
     assert result["tracker"] == result["reference_tracker"] == "12"
     assert result["difference"] == 0.0

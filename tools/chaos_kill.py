@@ -25,6 +25,8 @@ import tempfile
 import time
 from typing import List, Optional, Sequence
 
+import psutil
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -174,10 +176,19 @@ def run_chaos(kills: int, iters: int, ranks: int, workdir: str, seed: int = 0,
         if any(codes):
             raise RuntimeError(f"the last launch failed: {codes} (logs in {workdir})")
     difference = compare_roots(chaos, reference)
+    orphans = _survivors(chaos)
     log(f"chaos: {launches} launches, {killed} killed, final tracker {_tracker(chaos)} vs reference "
-        f"{_tracker(reference)}; max |weight difference| = {difference}")
-    return {"launches": launches, "kills": killed, "difference": difference, "tracker": _tracker(chaos),
+        f"{_tracker(reference)}; max |weight difference| = {difference}; "
+        f"processes of killed launches still alive: {len(orphans)}")
+    return {"launches": launches, "kills": killed, "difference": difference, "orphans": orphans, "tracker": _tracker(chaos),
             "reference_tracker": _tracker(reference)}
+
+
+def _survivors(root: str) -> List[int]:
+    """Pids of processes (a rank's forked helpers) whose command line names ``root``."""
+    time.sleep(2.0)  # a helper's parent-death signal is asynchronous
+    return [proc.pid for proc in psutil.process_iter(["cmdline"])
+            if proc.pid != os.getpid() and root in " ".join(proc.info["cmdline"] or [])]
 
 
 def _tracker(root: str) -> Optional[str]:
@@ -202,6 +213,9 @@ def main(argv=None) -> int:
     result = run_chaos(args.kills, args.iters, args.ranks, workdir, args.seed, args.max_delay)
     ok = result["difference"] == 0.0 and result["tracker"] == result["reference_tracker"]
     print(f"chaos: {'bitwise equal' if ok else 'DIFFERENT'}")
+    if result["orphans"]:
+        print(f"chaos: processes left alive by killed launches: {result['orphans']}")
+        ok = False
     if ok and args.workdir is None:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0 if ok else 1

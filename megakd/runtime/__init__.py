@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from megakd.configs import BAD_INPUT_STATUS, ConfigError, ParallelConfig, RuntimeConfig
-from megakd.runtime import cpu_runtime, watchdog
+from megakd.runtime import cpu_runtime, processes, watchdog
 from megakd.runtime.launcher import LaunchInfo, discover
 
 __all__ = ["RuntimeInfo", "destroy", "discover", "initialize", "initialize_for", "running",
@@ -86,6 +86,7 @@ def initialize(
         )
     watchdog.start(launch.rank, launch.world_size, launched=launch.launcher != "single",
                    collective_timeout_s=timeout_minutes * 60.0)
+    processes.forked_children_die_with_rank()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
