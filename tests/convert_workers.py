@@ -43,6 +43,14 @@ def make_hf_model(directory: str, family: str, vocab_size: int = 100, hidden_siz
                   intermediate_size=48, num_hidden_layers=num_layers, **overrides)
     kwargs.setdefault("max_position_embeddings", 256)
     config = getattr(transformers, class_name)(**kwargs, dtype="float32")
+    return save_random_hf_model(config, directory, seed)
+
+
+def save_random_hf_model(config, directory: str, seed: int) -> str:
+    """A transformers model of ``config`` with N(0, 0.1) weights (large enough that a wrong
+    mapping shows in the logits), saved as sharded safetensors to ``directory``."""
+    import transformers
+
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():

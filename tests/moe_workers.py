@@ -14,7 +14,7 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
-from tests.convert_workers import _hf_logits, _my_microbatches
+from tests.convert_workers import _hf_logits, _my_microbatches, save_random_hf_model
 
 SEQ = 16
 MBS = 2
@@ -49,13 +49,7 @@ def make_hf_moe(directory: str, family: str, seed: int = 0) -> str:
     else:
         config = transformers.MixtralConfig(**common, intermediate_size=40, num_local_experts=4,
                                             tie_word_embeddings=True)
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.normal_(0.0, 0.1)
-    model.save_pretrained(directory, safe_serialization=True, max_shard_size="40KB")
-    return directory
+    return save_random_hf_model(config, directory, seed)
 
 
 def _setup(flags: Sequence[str], train_iters: int = 1, lr: str = "0"):

@@ -33,7 +33,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -112,6 +112,11 @@ class _Watchdog:
                                   "saving"), LOST_STATUS)
             self._exit_with_posted_message()
 
+    def _posted(self, rank: int) -> Tuple[str, int]:
+        """(host, pid) that ``rank`` posted in the store when its watchdog started."""
+        host, _, pid = self.store.get(f"info/{rank}").decode().rpartition(":")
+        return host, int(pid)
+
     def _check_local_peers(self) -> None:
         """Abort naming a peer of this host whose process is gone (a few syscalls per poll)."""
         if self.aborting:
@@ -119,9 +124,9 @@ class _Watchdog:
         host = socket.gethostname()
         for peer in [r for r in self.unposted if self.store.check([f"info/{r}"])]:
             self.unposted.remove(peer)
-            peer_host, _, pid = self.store.get(f"info/{peer}").decode().rpartition(":")
+            peer_host, pid = self._posted(peer)
             if peer_host == host:
-                self.local_peers[peer] = int(pid)
+                self.local_peers[peer] = pid
         for peer, pid in self.local_peers.items():
             if not process_alive(pid):
                 self.gone.add(peer)
@@ -194,10 +199,10 @@ class _Watchdog:
         for rank in range(self.world_size):
             if rank == self.rank:
                 continue
-            peer_host, _, pid = self.store.get(f"info/{rank}").decode().rpartition(":")
+            peer_host, pid = self._posted(rank)
             if peer_host != host:
                 remote += 1
-            elif not process_alive(int(pid)):
+            elif not process_alive(pid):
                 gone.append(f"rank {rank} (pid {pid})")
         if gone:
             return f"{', '.join(gone)} {'is' if len(gone) == 1 else 'are'} gone"
